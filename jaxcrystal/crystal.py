@@ -292,7 +292,11 @@ def _kind(path: Path) -> str:
 
 
 def _is_ase_atoms(obj) -> bool:
-    return type(obj).__name__ == "Atoms" and type(obj).__module__.startswith("ase")
+    if not type(obj).__module__.startswith(("ase", "pymatgen.io.ase")):
+        return False  # avoids importing ASE (optional) for other objects
+    from ase import Atoms
+
+    return isinstance(obj, Atoms)
 
 
 def _as_structure(obj) -> Structure:

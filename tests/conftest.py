@@ -1,0 +1,16 @@
+"""Shared test helpers: paths to the small fixtures committed in tests/fixtures and to ../shared."""
+
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, or skip the calling test when it is not there."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not available (the ../shared folder is only present in the development setup)")
+    return path
