@@ -1,0 +1,273 @@
+"""The compiled SMOACS loop: every step of a batch in one `lax.scan` under one `jit`.
+
+One step (a pure function of the carry):
+  1. graph predictors rebuild their neighbour topology if the step is scheduled (static table);
+  2. decode the variables at temperature τ_s, predict every property, sum the objective terms per candidate;
+  3. gradients of the batch-mean loss (candidates are independent, so candidate b only gets ∂ℓ_b);
+  4. candidates whose loss or gradient is not finite are frozen and flagged, so they cannot poison the others;
+  5. one `optax.partition` update (lattice / coords / atoms groups, Adam each, SMOACS's cosine tables);
+  6. variables are projected back into their boxes;
+  7. on copy-mutation steps: groups, donors, noisy copies, Adam moments reset (as SMOACS recreates its optimizers).
+
+Adam is element-wise, so one optimizer state over the batch is exactly B independent optimizers.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxcrystal.objectives import Objective, ToleranceObjective, total_loss
+from jaxcrystal.optimize import parametrization as pz
+from jaxcrystal.optimize.mutation import CopyMutation, copy_mutate, groups
+from jaxcrystal.optimize.schedules import cosine_with_restarts, temperature
+from jaxcrystal.predictors.base import Predictor
+
+GROUPS = ("lattice", "coords", "atoms")
+
+
+@dataclasses.dataclass(frozen=True)
+class PropertyModel:
+    """A property as the loop sees it: a predictor and an optional transform of its output.
+
+    Attributes:
+      name: property name used by objectives and result columns (e.g. "bulk_modulus").
+      predictor: the `Predictor`.
+      transform: maps the predictor output to the property (e.g. 10**y for CGCNN's log10 bulk modulus).
+      units: units of the transformed property.
+    """
+
+    name: str
+    predictor: Predictor
+    transform: Callable | None = None
+    units: str = ""
+
+    def __call__(self, params, graph, crystal):
+        if graph is None:
+            y = self.predictor.apply(params, *crystal)
+        else:
+            y = self.predictor.apply_with_graph(params, graph, *crystal)
+        return y if self.transform is None else self.transform(y)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """Static settings of one optimization run.
+
+    Attributes:
+      objectives: the property objectives.
+      tolerance: tolerance-factor objective (perovskites) or None.
+      geometry: decoding settings (length range, coordinate window, angles, mask mode).
+      learning_rates: initial learning rate per group ("lattice", "coords", "atoms").
+      num_steps: optimization steps.
+      temperature: (τ_max, τ_min) of the linear temperature schedule.
+      mutation: copy-mutation settings, or None.
+      graph_refresh: steps at which graph predictors rebuild their topology (always step 0 and the step after
+        each copy-mutation); "every" rebuilds at every step.
+      main_property: the property of the main objective (copy-mutation's elite test).
+      second_property: the property of the second objective, or None.
+    """
+
+    objectives: tuple[Objective, ...]
+    tolerance: ToleranceObjective | None
+    geometry: pz.Geometry
+    learning_rates: dict
+    num_steps: int = 200
+    temperature: tuple[float, float] = (0.01, 1e-4)
+    mutation: CopyMutation | None = CopyMutation()
+    graph_refresh: tuple[int, ...] | str = "every"
+    main_property: str = "band_gap"
+    second_property: str | None = "formation_energy"
+
+    def refresh_table(self) -> np.ndarray:
+        """[num_steps] bool, True where graph predictors rebuild their topology."""
+        if self.graph_refresh == "every":
+            return np.ones(self.num_steps, dtype=bool)
+        table = np.zeros(self.num_steps, dtype=bool)
+        table[0] = True
+        for s in self.graph_refresh:
+            if 0 <= s < self.num_steps:
+                table[s] = True
+        for s in self.mutation.steps if self.mutation else ():
+            if s + 1 < self.num_steps:
+                table[s + 1] = True
+        return table
+
+    def mutation_table(self) -> np.ndarray:
+        table = np.zeros(self.num_steps, dtype=bool)
+        for s in self.mutation.steps if self.mutation else ():
+            if 0 <= s < self.num_steps:
+                table[s] = True
+        return table
+
+    def learning_rate_tables(self) -> dict:
+        restarts = self.mutation.steps if self.mutation else ()
+        return {g: cosine_with_restarts(self.learning_rates[g], self.num_steps, restarts) for g in GROUPS}
+
+
+def make_optimizer(config: LoopConfig) -> optax.GradientTransformation:
+    """`optax.partition` of three Adams (PyTorch defaults) scaled by the SMOACS learning-rate tables."""
+
+    def group(table):
+        table = jnp.asarray(table)
+        schedule = lambda count: -table[jnp.minimum(count, table.shape[0] - 1)]  # noqa: E731
+        return optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8), optax.scale_by_schedule(schedule))
+
+    transforms = {g: group(t) for g, t in config.learning_rate_tables().items()}
+    transforms["frozen"] = optax.set_to_zero()
+    labels = pz.Variables(
+        lengths="lattice",
+        angles="lattice" if config.geometry.optimize_angles else "frozen",
+        frac="coords",
+        logits="atoms",
+        pattern_weights="atoms",
+    )
+    return optax.partition(transforms, labels)
+
+
+def reset_adam_moments(opt_state):
+    """Adam moments and bias-correction counts back to zero; schedule positions are kept."""
+
+    def reset(node):
+        if isinstance(node, optax.ScaleByAdamState):
+            return optax.ScaleByAdamState(
+                count=jnp.zeros_like(node.count),
+                mu=jax.tree.map(jnp.zeros_like, node.mu),
+                nu=jax.tree.map(jnp.zeros_like, node.nu),
+            )
+        return node
+
+    return jax.tree.map(reset, opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+
+
+def _per_candidate_finite(tree, b):
+    leaves = [jnp.reshape(jnp.isfinite(x), (b, -1)).all(axis=1) for x in jax.tree.leaves(tree)]
+    return jnp.stack(leaves).all(axis=0)
+
+
+def make_run(models: dict, config: LoopConfig):
+    """Builds the jitted run of one batch.
+
+    Args:
+      models: property name -> `PropertyModel`.
+      config: the `LoopConfig`.
+
+    Returns:
+      `run(params, variables, problem, rng) -> (variables, problem, healthy, history)` where params maps property
+      name -> predictor params, history maps "loss", "tau" and each property (and "tolerance") to [num_steps, B].
+      It is `jax.jit`-compiled once per batch shape; all steps run in one `lax.scan`.
+    """
+    tx = make_optimizer(config)
+    taus = jnp.asarray(temperature(config.num_steps, *config.temperature))
+    refresh = jnp.asarray(config.refresh_table())
+    mutate_now = jnp.asarray(config.mutation_table())
+    graph_names = tuple(n for n, m in models.items() if m.predictor.is_graph_model)
+    main_key = next(
+        (f"{o.kind}:{o.property}" for o in config.objectives if o.property == config.main_property), None
+    )
+    second_key = next(
+        (f"{o.kind}:{o.property}" for o in config.objectives if o.property == config.second_property), None
+    )
+    has_elite = main_key is not None and main_key.startswith("window:") and second_key is not None
+
+    def losses(variables, problem, params, graphs, tau):
+        crystal, patterns = pz.decode(variables, problem, config.geometry, tau)
+        predictions = {n: m(params[n], graphs.get(n), crystal) for n, m in models.items()}
+        tolerance = None
+        if config.tolerance is not None:
+            tolerance = _tolerance(crystal[2], patterns, problem)
+            predictions["tolerance"] = tolerance
+        loss, parts = total_loss(config.objectives, predictions, tolerance, config.tolerance)
+        return loss, (parts, predictions)
+
+    def build_graphs(params, variables, problem):
+        crystal, _ = pz.decode(variables, problem, config.geometry, taus[0])
+        lattice, frac, _, mask = jax.lax.stop_gradient(crystal)
+        return {n: models[n].predictor.build_graph(lattice, frac, mask) for n in graph_names}
+
+    def step(params, carry, s):
+        variables, opt_state, problem, graphs, healthy, rng = carry
+        graphs = jax.lax.cond(refresh[s], lambda: build_graphs(params, variables, problem), lambda: graphs)
+        b = healthy.shape[0]
+
+        def objective(v):
+            loss, aux = losses(v, problem, params, graphs, taus[s])
+            return jnp.sum(jnp.where(healthy, loss, 0.0)) / b, (loss, aux)
+
+        (_, (loss, (parts, predictions))), grads = jax.value_and_grad(objective, has_aux=True)(variables)
+        healthy = healthy & jnp.isfinite(loss) & _per_candidate_finite(grads, b)
+        grads = jax.tree.map(lambda g: jnp.where(_bcast(healthy, g), g, 0.0), grads)
+        updates, opt_state = tx.update(grads, opt_state, variables)
+        updates = jax.tree.map(lambda u: jnp.where(_bcast(healthy, u), u, 0.0), updates)
+        variables = pz.project(optax.apply_updates(variables, updates), problem, config.geometry)
+
+        if config.mutation is not None:
+            rng, key = jax.random.split(rng)
+
+            def mutate(args):
+                variables, problem, opt_state, healthy = args
+                elite, top = groups(
+                    parts[main_key] if main_key else jnp.ones_like(loss),
+                    parts[second_key] if second_key else jnp.zeros_like(loss),
+                    parts.get("tolerance"),
+                    loss,
+                    healthy,
+                    config.mutation,
+                    has_elite,
+                )
+                variables, problem, replaced = copy_mutate(key, variables, problem, elite, top, config.mutation)
+                return variables, problem, reset_adam_moments(opt_state), healthy | replaced
+
+            variables, problem, opt_state, healthy = jax.lax.cond(
+                mutate_now[s], mutate, lambda args: args, (variables, problem, opt_state, healthy)
+            )
+
+        row = {"loss": loss, "tau": jnp.broadcast_to(taus[s], loss.shape)}
+        row.update({n: predictions[n] for n in predictions})
+        return (variables, opt_state, problem, graphs, healthy, rng), row
+
+    @jax.jit
+    def run(params, variables, problem, rng):
+        graphs = build_graphs(params, variables, problem)
+        healthy = jnp.ones(problem.atom_mask.shape[0], dtype=bool)
+        carry = (variables, tx.init(variables), problem, graphs, healthy, rng)
+        carry, history = jax.lax.scan(functools.partial(step, params), carry, jnp.arange(config.num_steps))
+        variables, _, problem, _, healthy, _ = carry
+        return variables, problem, healthy, history
+
+    return run
+
+
+def make_predict(models: dict):
+    """Jitted `predict(params, crystal) -> {name: [B]}` with each graph built for the given structure."""
+
+    @jax.jit
+    def predict(params, crystal):
+        out = {}
+        for name, model in models.items():
+            y = model.predictor.apply(params[name], *crystal)
+            out[name] = y if model.transform is None else model.transform(y)
+        return out
+
+    return predict
+
+
+def _tolerance(species, patterns, problem: pz.Problem):
+    """Goldschmidt t per candidate [B] from site-averaged expected radii of the A, B and X sites."""
+    from jaxcrystal.objectives import tolerance_factor
+
+    radius = pz.site_radius(species, patterns, problem)  # [B, N]
+
+    def mean_over(role):
+        on = (problem.site_roles == role) & problem.atom_mask
+        return jnp.sum(jnp.where(on, radius, 0.0), axis=1) / jnp.maximum(jnp.sum(on, axis=1), 1)
+
+    return tolerance_factor(mean_over(0), mean_over(1), mean_over(2))
+
+
+def _bcast(flag, x):
+    return flag.reshape(flag.shape + (1,) * (x.ndim - 1))
