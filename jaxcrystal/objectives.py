@@ -105,11 +105,6 @@ class ToleranceObjective:
         return self.weight * (jnp.maximum(low - t, 0.0) + jnp.maximum(t - high, 0.0))
 
 
-def tolerance_factor(r_a, r_b, r_x):
-    """Goldschmidt t = (r_A + r_X) / (√2 (r_B + r_X)); any matching shapes, Å."""
-    return (r_a + r_x) / (jnp.sqrt(2.0) * (r_b + r_x))
-
-
 def total_loss(objectives, predictions: dict, tolerance=None, tolerance_objective=None):
     """Sum of the objective terms per candidate.
 

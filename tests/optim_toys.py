@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcrystal.optimize import parametrization as pz
+from jaxcrystal.smoacs import parametrization as pz
 from jaxcrystal.predictors.base import Predictor
 
 # NaCl-like toy: site 0 cation (+1: Li, Na, K), site 1 anion (-1: F, Cl, Br); a dummy second pattern padded.

@@ -7,10 +7,10 @@ import pytest
 from optim_toys import ANIONS, CATIONS, toy_predictor, toy_problem
 
 from jaxcrystal import objectives
-from jaxcrystal.optimize import parametrization as pz
-from jaxcrystal.optimize.loop import LoopConfig, PropertyModel, make_run
-from jaxcrystal.optimize.mutation import CopyMutation
-from jaxcrystal.optimize.schedules import cosine_with_restarts, temperature
+from jaxcrystal.smoacs import parametrization as pz
+from jaxcrystal.smoacs.loop import LoopConfig, PropertyModel, make_run
+from jaxcrystal.smoacs.mutation import CopyMutation
+from jaxcrystal.smoacs.schedules import cosine_with_restarts, temperature
 
 LRS = {"lattice": 2e-3, "coords": 5e-3, "atoms": 7e-3}
 

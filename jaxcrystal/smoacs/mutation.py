@@ -19,7 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxcrystal.optimize.parametrization import Problem, Variables
+from jaxcrystal.smoacs.parametrization import Problem, Variables
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,10 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxcrystal import chemistry
 from jaxcrystal.objectives import Objective, ToleranceObjective, total_loss
-from jaxcrystal.optimize import parametrization as pz
-from jaxcrystal.optimize.mutation import CopyMutation, copy_mutate, groups
-from jaxcrystal.optimize.schedules import cosine_with_restarts, temperature
+from jaxcrystal.smoacs import parametrization as pz
+from jaxcrystal.smoacs.mutation import CopyMutation, copy_mutate, groups
+from jaxcrystal.smoacs.schedules import cosine_with_restarts, temperature
 from jaxcrystal.predictors.base import Predictor
 
 GROUPS = ("lattice", "coords", "atoms")
@@ -258,15 +259,13 @@ def make_predict(models: dict):
 
 def _tolerance(species, patterns, problem: pz.Problem):
     """Goldschmidt t per candidate [B] from site-averaged expected radii of the A, B and X sites."""
-    from jaxcrystal.objectives import tolerance_factor
-
     radius = pz.site_radius(species, patterns, problem)  # [B, N]
 
     def mean_over(role):
         on = (problem.site_roles == role) & problem.atom_mask
         return jnp.sum(jnp.where(on, radius, 0.0), axis=1) / jnp.maximum(jnp.sum(on, axis=1), 1)
 
-    return tolerance_factor(mean_over(0), mean_over(1), mean_over(2))
+    return chemistry.tolerance_factor(mean_over(0), mean_over(1), mean_over(2))
 
 
 def _bcast(flag, x):
