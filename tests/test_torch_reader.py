@@ -5,13 +5,15 @@ section 3). Comparisons against `torch.load` run only when torch is importable.
 """
 
 import hashlib
+import pickle
+import struct
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from converters.torch_reader import read_torch_checkpoint, read_torch_checkpoint_from_zip
+from converters.torch_reader import OpaqueObject, read_torch_checkpoint, read_torch_checkpoint_from_zip
 from jaxcrystal.errors import CheckpointError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "torch_reader"
@@ -130,3 +132,179 @@ def test_truncated_zip_and_garbage_raise_checkpoint_error(tmp_path):
     for path in (truncated, garbage):
         with pytest.raises(CheckpointError, match=path.name):
             read_torch_checkpoint(path)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# every dtype, views and shared storages (files written by torch 2.13 with make_dtype_fixtures.py)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def flatten_arrays(obj, prefix="", out=None) -> dict:
+    """{"a/0/b": array} for every array in nested dicts / lists / tuples (the layout of dtypes_expected.npz)."""
+    out = {} if out is None else out
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            flatten_arrays(value, f"{prefix}{key}/", out)
+    elif isinstance(obj, list | tuple):
+        for i, value in enumerate(obj):
+            flatten_arrays(value, f"{prefix}{i}/", out)
+    elif isinstance(obj, np.ndarray):
+        out[prefix[:-1]] = obj
+    return out
+
+
+@pytest.mark.parametrize("name", ["dtypes_zip.pt", "dtypes_legacy.pt"])
+def test_dtypes_views_and_shared_storages(name):
+    ck = read_torch_checkpoint(FIXTURES / name, strict=True)
+    expected = dict(np.load(FIXTURES / "dtypes_expected.npz"))
+    got = flatten_arrays(ck)
+    assert set(got) == set(expected)
+    for key, want in expected.items():
+        assert got[key].dtype == want.dtype and got[key].shape == want.shape, key
+        np.testing.assert_array_equal(got[key], want, err_msg=key)
+    assert got["bf16"].dtype == np.float32 and got["scalar_f32"].shape == () and got["empty"].shape == (0, 3)
+    # Views of one storage: the reader must honour offsets and strides, and return independent arrays.
+    np.testing.assert_array_equal(got["f32_transposed"], got["f32"].T)
+    np.testing.assert_array_equal(got["f32_offset_view"], got["f32"][1, 2:])
+    np.testing.assert_array_equal(got["f32_strided_view"], got["f32"][:, ::2])
+    np.testing.assert_array_equal(got["f32_expanded"], np.broadcast_to(got["f32"][0, :3], (5, 3)))
+    got["f32_transposed"][0, 0] += 1.0
+    assert got["f32"][0, 0] != got["f32_transposed"][0, 0]
+    assert ck["nested"]["shape"] == (4, 6) and ck["nested"]["items"][1] == (1, "a", None, 2.5)
+
+
+def test_namespace_becomes_inert_placeholder():
+    path = FIXTURES / "namespace_zip.pt"
+    ck = read_torch_checkpoint(path)
+    args = ck["args"]
+    assert isinstance(args, OpaqueObject) and args.qualname == "argparse.Namespace" and not args.called
+    assert args.state == {"atom_fea_len": 64, "task": "regression", "lr_milestones": [100]}
+    np.testing.assert_array_equal(ck["weight"], np.arange(6.0, dtype=np.float32).reshape(2, 3))
+    with pytest.raises(CheckpointError, match=r"namespace_zip\.pt.*argparse\.Namespace"):
+        read_torch_checkpoint(path, strict=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# hand-assembled pickles (protocol 2 opcodes) and checkpoint writers, torch-free
+# ------------------------------------------------------------------------------------------------------------
+
+
+def g(module: str, name: str) -> bytes:  # GLOBAL
+    return b"c" + f"{module}\n{name}\n".encode()
+
+
+def s(text: str) -> bytes:  # BINUNICODE
+    raw = text.encode()
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+def i(value: int) -> bytes:  # BININT
+    return b"J" + struct.pack("<i", value)
+
+
+def tup(*items: bytes) -> bytes:  # MARK ... TUPLE
+    return b"(" + b"".join(items) + b"t"
+
+
+def call(func: bytes, *args: bytes) -> bytes:  # REDUCE
+    return func + tup(*args) + b"R"
+
+
+def dct(*pairs: tuple[bytes, bytes]) -> bytes:  # EMPTY_DICT MARK ... SETITEMS
+    return b"}(" + b"".join(k + v for k, v in pairs) + b"u"
+
+
+def pkl(body: bytes) -> bytes:  # PROTO 2 ... STOP
+    return b"\x80\x02" + body + b"."
+
+
+def tensor(key: str, shape: tuple, stride: tuple, numel: int, offset: int = 0, storage: str = "FloatStorage"):
+    """Opcodes torch writes for a tensor: _rebuild_tensor_v2(persistent storage id, offset, size, stride)."""
+    pid = tup(s("storage"), g("torch", storage), s(key), s("cpu"), i(numel)) + b"Q"
+    dims = tup(*map(i, shape)), tup(*map(i, stride))
+    return call(
+        g("torch._utils", "_rebuild_tensor_v2"),
+        pid,
+        i(offset),
+        *dims,
+        b"\x89",
+        call(g("collections", "OrderedDict")),
+    )
+
+
+STORAGE0 = np.arange(6, dtype="<f4")  # storage "0" of the hand-made checkpoints
+
+
+def zip_checkpoint(path: Path, data_pkl: bytes, storages: dict | None = None) -> Path:
+    storages = {"0": STORAGE0.tobytes()} if storages is None else storages
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("evil/data.pkl", data_pkl)
+        archive.writestr("evil/byteorder", "little")
+        for key, raw in storages.items():
+            archive.writestr(f"evil/data/{key}", raw)
+    return path
+
+
+def legacy_checkpoint(path: Path, main_pkl: bytes, little: bool = True, storages: dict | None = None) -> Path:
+    """Legacy layout: magic, protocol, sys_info, object pickle, storage keys, (int64 count + bytes) per key."""
+    storages = {"0": (6, STORAGE0.tobytes())} if storages is None else storages
+    order = "<" if little else ">"
+    head = [0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": little}]
+    blob = (
+        b"".join(pickle.dumps(x, protocol=2) for x in head)
+        + main_pkl
+        + pickle.dumps(list(storages), protocol=2)
+    )
+    for count, raw in storages.values():
+        blob += struct.pack(order + "q", count) + raw
+    path.write_bytes(blob)
+    return path
+
+
+def legacy_tensor(key: str, shape: tuple, stride: tuple, numel: int, view: bytes = b"N") -> bytes:
+    pid = tup(s("storage"), g("torch", "FloatStorage"), s(key), s("cpu"), i(numel), view) + b"Q"
+    return call(g("torch._utils", "_rebuild_tensor"), pid, i(0), tup(*map(i, shape)), tup(*map(i, stride)))
+
+
+def test_hand_made_zip_and_legacy_checkpoints_read_back(tmp_path):
+    zip_body = dct((s("w"), tensor("0", (2, 3), (3, 1), 6)), (s("wt"), tensor("0", (3, 2), (1, 3), 6)))
+    legacy_body = dct(
+        (s("w"), legacy_tensor("0", (2, 3), (3, 1), 6)), (s("wt"), legacy_tensor("0", (3, 2), (1, 3), 6))
+    )
+    zip_path = zip_checkpoint(tmp_path / "a.pt", pkl(zip_body))
+    for path in (zip_path, legacy_checkpoint(tmp_path / "b.pt", pkl(legacy_body))):
+        ck = read_torch_checkpoint(path, strict=True)
+        np.testing.assert_array_equal(ck["w"], STORAGE0.reshape(2, 3))
+        np.testing.assert_array_equal(ck["wt"], STORAGE0.reshape(2, 3).T)
+    assert read_torch_checkpoint(zip_path.read_bytes())["w"].shape == (2, 3)  # bytes work as well as paths
+
+
+def test_legacy_big_endian_and_storage_views(tmp_path):
+    body = dct(
+        (s("w"), legacy_tensor("0", (2, 3), (3, 1), 6)),
+        (s("view"), legacy_tensor("0", (2,), (1,), 6, view=tup(s("v1"), i(3), i(2)))),  # elements 3 and 4
+    )
+    storages = {"0": (6, STORAGE0.astype(">f4").tobytes())}
+    ck = read_torch_checkpoint(
+        legacy_checkpoint(tmp_path / "be.pt", pkl(body), little=False, storages=storages)
+    )
+    np.testing.assert_array_equal(ck["w"], STORAGE0.reshape(2, 3))
+    np.testing.assert_array_equal(ck["view"], [3.0, 4.0])
+    assert ck["w"].dtype == np.float32 and ck["w"].dtype.isnative
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (tensor("0", (2, 4), (4, 1), 6), "outside its storage"),  # 8 elements from a 6-element storage
+        (tensor("0", (3,), (1,), 6, offset=4), "outside its storage"),
+        (tensor("0", (2,), (1,), 7), "has 24 bytes, expected 28"),  # storage shorter than declared
+        (tensor("missing", (2,), (1,), 2), "missing"),
+        (tensor("0", (2000, 2000), (0, 0), 6), "overlaps itself"),  # a stride-0 memory bomb
+        (tup(s("not-a-storage"), i(1)) + b"Q", "persistent id"),
+    ],
+)
+def test_malformed_tensors_raise(tmp_path, body, problem):
+    path = zip_checkpoint(tmp_path / "bad.pt", pkl(body))
+    with pytest.raises(CheckpointError, match=rf"bad\.pt: .*{problem}"):
+        read_torch_checkpoint(path)
