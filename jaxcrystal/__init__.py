@@ -16,9 +16,19 @@ __all__ = [
     "CrystalBatch",
     "ElementError",
     "JaxCrystalError",
-    "StructureError",
     "Predictor",
+    "StructureError",
     "lattice_from_parameters",
-    "load_predictor",
     "lattice_to_parameters",
+    "load_predictor",
+    "optimize",
 ]
+
+
+def __getattr__(name):
+    # `optimize` pulls in evaluation and result writing (pandas, matplotlib): import it on first use.
+    if name == "optimize":
+        from jaxcrystal.smoacs.driver import optimize
+
+        return optimize
+    raise AttributeError(f"module 'jaxcrystal' has no attribute {name!r}")

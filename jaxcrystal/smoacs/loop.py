@@ -180,7 +180,7 @@ def make_run(models: dict, config: LoopConfig):
         predictions = {n: m(params[n], graphs.get(n), crystal) for n, m in models.items()}
         tolerance = None
         if config.tolerance is not None:
-            tolerance = _tolerance(crystal[2], patterns, problem)
+            tolerance = tolerance_of(crystal[2], patterns, problem)
             predictions["tolerance"] = tolerance
         loss, parts = total_loss(config.objectives, predictions, tolerance, config.tolerance)
         return loss, (parts, predictions)
@@ -257,7 +257,7 @@ def make_predict(models: dict):
     return predict
 
 
-def _tolerance(species, patterns, problem: pz.Problem):
+def tolerance_of(species, patterns, problem: pz.Problem):
     """Goldschmidt t per candidate [B] from site-averaged expected radii of the A, B and X sites."""
     radius = pz.site_radius(species, patterns, problem)  # [B, N]
 

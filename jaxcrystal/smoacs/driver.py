@@ -1,0 +1,360 @@
+"""`optimize(...)`: a whole SMOACS run from Python — templates, batches, the compiled loop, evaluation, files.
+
+>>> import jaxcrystal
+>>> result = jaxcrystal.optimize("bg_and_eform", structure="perovskite", target=2.0,
+...                              num_candidates=8, steps=20, seed=0)          # doctest: +SKIP
+>>> result.table[["success", "band_gap_onehot", "formula"]]                   # doctest: +SKIP
+"""
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from pymatgen.core import Lattice, Structure
+
+from jaxcrystal import objectives, presets, templates
+from jaxcrystal.crystal import CrystalBatch, concatenate
+from jaxcrystal.elements import SYMBOLS
+from jaxcrystal.errors import ConfigError
+from jaxcrystal.evaluate import Candidates, Criteria, evaluate, summarize
+from jaxcrystal.predictors import load_predictor
+from jaxcrystal.results import ResultWriter
+from jaxcrystal.smoacs import parametrization as pz
+from jaxcrystal.smoacs.loop import LoopConfig, PropertyModel, make_predict, make_run, tolerance_of
+from jaxcrystal.smoacs.mutation import CopyMutation
+from jaxcrystal.smoacs.problem import build_problem
+from jaxcrystal.smoacs.schedules import sine_rebuild_steps
+
+# Embedded CGCNN models: property -> (weights name, transform of the raw output)
+EMBEDDED = {
+    "band_gap": ("band-gap", None),
+    "formation_energy": ("formation-energy-per-atom", None),
+    "bulk_modulus": ("bulk-moduli", lambda y: 10.0**y),  # the model predicts log10(K_VRH / GPa)
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run (written to `config.json`; `RunConfig(**json)` reruns it)."""
+
+    task: str = "bg_and_eform"
+    structure: str = "perovskite"
+    target: float | None = None
+    model: str = "cgcnn"
+    weights: dict = dataclasses.field(default_factory=dict)
+    model_config: str | None = None
+    num_candidates: int = 128
+    batch_size: int = 128
+    steps: int = 200
+    seed: int = 0
+    templates: str | None = None
+    train_margin: float | None = None
+    eval_margin: float | None = None
+    second_coef: float | None = None
+    second_max: float | None = None
+    min_bond: float = 0.5
+    tolerance_window: tuple[float, float] = (0.8, 1.0)
+    tolerance_margin: float = 0.0
+    angle_window: tuple[float, float] = (85.0, 95.0)
+    mask_mode: str = "exact"
+    radius_convention: str = "shannon"
+    max_patterns: int = 10
+    graph_refresh: str = "every"
+
+    def resolved(self) -> "RunConfig":
+        """Fills task defaults and checks that the options fit together (`ConfigError` otherwise)."""
+        if self.structure not in presets.STRUCTURES:
+            raise ConfigError(f"structure must be one of {presets.STRUCTURES}, got {self.structure!r}")
+        if self.task not in presets.TASKS:
+            raise ConfigError(f"task must be one of {presets.TASKS}, got {self.task!r}")
+        task = presets.TASK_SPECS[self.task]
+        if self.num_candidates < 1 or self.batch_size < 1 or self.steps < 1:
+            raise ConfigError("num_candidates, batch_size and steps must all be >= 1")
+        if self.templates is not None and self.structure != "none":
+            raise ConfigError(
+                f"templates={self.templates!r} gives general templates; it contradicts structure="
+                f"{self.structure!r} (use structure='none')"
+            )
+        if self.mask_mode not in ("exact", "smoacs"):
+            raise ConfigError(f"mask_mode must be 'exact' or 'smoacs', got {self.mask_mode!r}")
+        if self.graph_refresh != "every" and not str(self.graph_refresh).isdigit():
+            raise ConfigError(
+                f"graph_refresh must be 'every' or a number of rebuilds, got {self.graph_refresh!r}"
+            )
+        target = self.target
+        if task.default_target is None and target is not None:
+            raise ConfigError(f"task {self.task} maximizes {task.main}; it takes no target")
+        if task.default_target is not None and target is None:
+            target = task.default_target
+        if self.tolerance_window[0] > self.tolerance_window[1]:
+            raise ConfigError(f"tolerance_window must be (low, high), got {self.tolerance_window}")
+        return dataclasses.replace(
+            self,
+            target=target,
+            train_margin=task.train_margin if self.train_margin is None else self.train_margin,
+            eval_margin=task.eval_margin if self.eval_margin is None else self.eval_margin,
+            second_coef=task.second_coef if self.second_coef is None else self.second_coef,
+            second_max=task.second_max if self.second_max is None else self.second_max,
+            batch_size=min(self.batch_size, self.num_candidates),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizationResult:
+    """What `optimize` returns.
+
+    Attributes:
+      batch: the discretized candidates as one `CrystalBatch` (one-hot species, wrapped coordinates).
+      structures: the same as pymatgen `Structure`s.
+      table: the evaluation frame (one row per candidate; columns documented in `jaxcrystal.evaluate`).
+      summary: the run's rates, uniqueness and novelty.
+      history: key -> [steps, num_candidates] ("loss", "tau", every property, "tolerance").
+      config: the resolved `RunConfig`.
+      out: the result folder, or None.
+    """
+
+    batch: CrystalBatch
+    structures: list
+    table: pd.DataFrame
+    summary: dict
+    history: dict
+    config: RunConfig
+    out: Path | None
+
+
+def load_property_models(config: RunConfig) -> dict:
+    """Property name -> `PropertyModel` for the task's main and second properties."""
+    task = presets.TASK_SPECS[config.task]
+    needed = [task.main, task.second]
+    unknown = set(config.weights) - set(presets.PROPERTIES)
+    if unknown:
+        raise ConfigError(
+            f"--weights names unknown properties {sorted(unknown)}; known: {sorted(presets.PROPERTIES)}"
+        )
+    models = {}
+    for prop in needed:
+        units, description = presets.PROPERTIES[prop]
+        if prop in config.weights:
+            source = config.weights[prop]
+            kind, _, path = source.partition(":") if source.split(":", 1)[0] in presets.MODELS else ("", "", "")
+            kind, path = (kind, path) if kind else (config.model, source)
+            predictor = load_predictor(kind, path, config=config.model_config)
+            models[prop] = PropertyModel(prop, predictor, None, units)
+        elif config.model == "cgcnn" and prop in EMBEDDED:
+            name, transform = EMBEDDED[prop]
+            models[prop] = PropertyModel(prop, load_predictor("cgcnn", name), transform, units)
+        elif prop == task.second and config.second_coef == 0 and config.second_max is None:
+            continue  # not optimized and not judged
+        else:
+            raise ConfigError(
+                f"task {config.task} needs a model for {prop!r} ({description}, {units}), and no embedded "
+                f"{config.model} model predicts it; pass --weights {prop}=PATH (a checkpoint of a model trained "
+                f"on {description})"
+            )
+    return models
+
+
+def _templates(config: RunConfig) -> templates.Templates:
+    if config.structure == "perovskite":
+        return templates.random_perovskites(config.num_candidates, config.seed, supercell=1)
+    if config.structure == "perovskite3x3x3":
+        return templates.random_perovskites(config.num_candidates, config.seed, supercell=3)
+    pool = templates.from_folder(config.templates) if config.templates else templates.materials_project_set()
+    rng = np.random.default_rng(config.seed)
+    replace = config.num_candidates > len(pool)
+    return pool.take(rng.choice(len(pool), size=config.num_candidates, replace=replace))
+
+
+def _loop_config(config: RunConfig, models: dict, pool: templates.Templates) -> LoopConfig:
+    task = presets.TASK_SPECS[config.task]
+    row_name, row = presets.hyper_row(config.model, config.task, config.structure)
+    perovskite = pool.family == "perovskite"
+    n = pool.supercell
+    if perovskite:
+        length_range = (2.0 * n, 10.0 * n)
+        geometry = pz.Geometry(length_range, 0.15 / n, optimize_angles=False, mask_mode=config.mask_mode)
+    else:
+        lengths = np.array([s.lattice.abc for s in pool.structures])
+        length_range = (min(2.0, float(lengths.min())), max(10.0, float(lengths.max())))
+        geometry = pz.Geometry(length_range, None, optimize_angles=True, mask_mode=config.mask_mode)
+    if task.default_target is None:
+        main = objectives.maximize(task.main)
+    else:
+        main = objectives.window(task.main, config.target, config.train_margin)
+    terms = [main]
+    if task.second in models and config.second_coef:
+        terms.append(objectives.linear(task.second, config.second_coef))
+    refresh = "every"
+    if config.graph_refresh != "every":
+        refresh = tuple(sine_rebuild_steps(config.steps, int(config.graph_refresh)))
+    tolerance = None
+    if perovskite:
+        low, high = config.tolerance_window
+        tolerance = objectives.ToleranceObjective(low, high, config.tolerance_margin)
+    return LoopConfig(
+        objectives=tuple(terms),
+        tolerance=tolerance,
+        geometry=geometry,
+        learning_rates={"lattice": row.lattice_lr, "coords": row.coord_lr, "atoms": row.atom_lr},
+        num_steps=config.steps,
+        mutation=CopyMutation(
+            steps=tuple(s for s in row.steps_cm if s < config.steps),
+            top_ratio=row.top_ratio,
+            keep_prob=row.keep_prob,
+            noise=row.mutation_noise,
+        ),
+        graph_refresh=refresh,
+        main_property=task.main,
+        second_property=task.second if task.second in models else None,
+    ), row_name
+
+
+def criteria_for(config: RunConfig, loop: LoopConfig) -> Criteria:
+    task = presets.TASK_SPECS[config.task]
+    perovskite = loop.tolerance is not None
+    return Criteria(
+        main=task.main,
+        target=config.target,
+        margin=config.eval_margin,
+        second=loop.second_property,
+        second_max=config.second_max if loop.second_property else None,
+        tolerance_window=tuple(config.tolerance_window) if perovskite else None,
+        min_bond=config.min_bond,
+        coord_window=loop.geometry.coord_window,
+        angle_window=tuple(config.angle_window) if perovskite else None,
+    )
+
+
+def optimize(
+    task: str = "bg_and_eform",
+    *,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options,
+) -> OptimizationResult:
+    """Runs SMOACS end to end.
+
+    Args:
+      task: "bg_and_eform", "tc_and_eform", "bg_and_ehull" or "B_and_eform".
+      out: result folder (result.csv, result_summary.csv, result.npz, poscar/, cif/, history_img.png,
+        config.json), written batch by batch; None keeps everything in memory.
+      overwrite: allow an existing non-empty `out`.
+      progress: print progress to stderr.
+      **options: any `RunConfig` field (structure, target, model, weights, num_candidates, batch_size, steps,
+        seed, ...).
+
+    Returns:
+      `OptimizationResult`.
+    """
+    config = RunConfig(task=task, **options).resolved()
+    models = load_property_models(config)
+    pool = _templates(config)
+    loop, row_name = _loop_config(config, models, pool)
+    criteria = criteria_for(config, loop)
+    params = {name: m.predictor.params for name, m in models.items()}
+    run = make_run(models, loop)
+    predict = make_predict(models)
+    record = dataclasses.asdict(config) | {"hyper_parameters": row_name}
+    writer = ResultWriter(out, record, overwrite=overwrite) if out is not None else None
+    frames, batches, histories = [], [], []
+    num_batches = -(-config.num_candidates // config.batch_size)
+    key = jax.random.key(config.seed)
+    start = time.perf_counter()
+    for index in range(num_batches):
+        lo = index * config.batch_size
+        part = pool.take(range(lo, min(lo + config.batch_size, len(pool))))
+        problem, lengths, angles = build_problem(
+            part, config.max_patterns, config.radius_convention, template_offset=lo
+        )
+        problem = jax.tree.map(jnp.asarray, problem)
+        variables = pz.initial_variables(lengths, angles, problem)
+        t0 = time.perf_counter()
+        variables, problem, healthy, history = run(params, variables, problem, jax.random.fold_in(key, index))
+        history = jax.tree.map(np.asarray, history)
+        t1 = time.perf_counter()
+        candidates, onehot_batch = _discretize(
+            index, lo, pool, variables, problem, healthy, history, loop, params, predict
+        )
+        frame = evaluate(candidates, criteria)
+        if writer is not None:
+            writer.write_batch(index, candidates, frame, history)
+        frames.append(frame)
+        batches.append(onehot_batch)
+        histories.append(history)
+        if progress:
+            done = lo + len(part)
+            print(
+                f"[jaxcrystal] batch {index + 1}/{num_batches}: {len(part)} candidates, {config.steps} steps in "
+                f"{t1 - t0:.1f} s, {int(frame['success'].fillna(False).sum())} successes; "
+                f"{done}/{config.num_candidates} done, {time.perf_counter() - start:.0f} s elapsed",
+                file=sys.stderr,
+                flush=True,
+            )
+    table = pd.concat(frames)
+    reference = list(pool.structures)
+    if writer is not None:
+        summary = writer.finalize(criteria, templates=reference).iloc[0].to_dict()
+    else:
+        summary = summarize(table, criteria, templates=reference)
+    batch = concatenate(batches)
+    history = {k: np.concatenate([h[k] for h in histories], axis=1) for k in histories[0]}
+    return OptimizationResult(
+        batch, batch.to_structures(), table, summary, history, config, Path(out) if out else None
+    )
+
+
+def _discretize(index, offset, pool, variables, problem, healthy, history, loop, params, predict):
+    """The τ → 0 candidates of a finished batch, re-predicted, as `Candidates` and a one-hot `CrystalBatch`."""
+    elements, pattern, states = pz.discretize(variables, problem)
+    mask = problem.atom_mask
+    species = jax.nn.one_hot(elements, 98) * mask[..., None]
+    lattice = pz.decode_lattice(variables, problem, loop.geometry)
+    frac = pz.decode_frac(variables, problem, loop.geometry)
+    predictions = jax.tree.map(np.asarray, predict(params, (lattice, frac, species, mask)))
+    tolerance = None
+    if loop.tolerance is not None:
+        chosen = jax.nn.one_hot(pattern, problem.pattern_used.shape[1])[:, None, :]
+        chosen = jnp.broadcast_to(chosen, mask.shape + chosen.shape[-1:])
+        tolerance = np.asarray(tolerance_of(species, chosen, problem))
+    host = jax.tree.map(np.asarray, (lattice, frac, elements, mask, states, problem))
+    lattice, frac, elements, mask, states, problem = host
+    wrapped = np.mod(frac, 1.0)
+    structures = []
+    for b in range(lattice.shape[0]):
+        m = mask[b]
+        structures.append(Structure(Lattice(lattice[b]), [SYMBOLS[z] for z in elements[b][m]], wrapped[b][m]))
+    template_names = [pool.names[i] for i in problem.template_index]
+    names = [f"b{index:03d}_c{offset + b:04d}__{template_names[b]}" for b in range(len(structures))]
+    soft = {k: history[k][-1] for k in predictions}
+    candidates = Candidates(
+        names=names,
+        template_names=template_names,
+        structures=structures,
+        frac_unwrapped=frac,
+        init_frac=problem.init_frac,
+        mask=mask,
+        site_roles=problem.site_roles,
+        oxidation_states=states,
+        predictions=predictions,
+        soft_predictions=soft,
+        tolerance=tolerance,
+        loss=history["loss"][-1],
+        healthy=np.asarray(healthy),
+        family=pool.family,
+    )
+    onehot = CrystalBatch(lattice, wrapped * mask[..., None], _one_hot(elements, mask), mask)
+    return candidates, onehot
+
+
+def _one_hot(elements, mask):
+    """[B, N, 98] host one-hot species of [B, N] element indices, zero on padding."""
+    out = np.zeros(mask.shape + (98,))
+    b, n = np.nonzero(mask)
+    out[b, n, elements[b, n]] = 1.0
+    return out
