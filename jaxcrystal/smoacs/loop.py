@@ -23,10 +23,10 @@ import optax
 
 from jaxcrystal import chemistry
 from jaxcrystal.objectives import Objective, ToleranceObjective, total_loss
+from jaxcrystal.predictors.base import Predictor
 from jaxcrystal.smoacs import parametrization as pz
 from jaxcrystal.smoacs.mutation import CopyMutation, copy_mutate, groups
 from jaxcrystal.smoacs.schedules import cosine_with_restarts, temperature
-from jaxcrystal.predictors.base import Predictor
 
 GROUPS = ("lattice", "coords", "atoms")
 
