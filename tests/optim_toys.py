@@ -3,8 +3,8 @@
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcrystal.smoacs import parametrization as pz
 from jaxcrystal.predictors.base import Predictor
+from jaxcrystal.smoacs import parametrization as pz
 
 # NaCl-like toy: site 0 cation (+1: Li, Na, K), site 1 anion (-1: F, Cl, Br); a dummy second pattern padded.
 CATIONS, ANIONS = (3, 11, 19), (9, 17, 35)
@@ -38,7 +38,7 @@ def toy_problem(b: int, seed: int = 0) -> tuple[pz.Problem, np.ndarray, np.ndarr
 
 
 def toy_predictor() -> Predictor:
-    """property = Σ_i p_i · w (per-element weights) + 0.1 · (cube root of volume) − mean |frac|: smooth in all inputs."""
+    """property = mean_i p_i · w + 0.1 · cbrt(volume) + 0.05 · mean sin(2π frac): smooth in every input."""
     weights = jnp.asarray(np.random.default_rng(1).normal(size=98))
 
     def apply(params, lattice, frac, species, mask):

@@ -102,8 +102,8 @@ def test_agrees_with_plain_eager_updates():
     s2 = {k: jnp.zeros_like(x) for k, x in v._asdict().items()}
     for s in range(steps):
 
-        def f(v):
-            crystal, _ = pz.decode(v, problem, config.geometry, taus[s])
+        def f(v, tau=taus[s]):
+            crystal, _ = pz.decode(v, problem, config.geometry, tau)
             y = predictor.apply(params["toy"], *crystal)
             return jnp.mean(jnp.maximum(jnp.abs(y - 1.5), 0.0))
 
