@@ -39,6 +39,7 @@ starts with the file name.
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import math
 import os
@@ -209,15 +210,11 @@ def _rebuild_tensor(storage, storage_offset, size, stride):
     return _tensor(storage, storage_offset, size, stride)
 
 
-def _rebuild_tensor_v2(
-    storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
-):
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     return _tensor(storage, storage_offset, size, stride)
 
 
-def _rebuild_tensor_v3(
-    storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None
-):
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
     if not isinstance(dtype, _TorchDType):
         raise _Bad(f"_rebuild_tensor_v3 needs a torch dtype, got {dtype!r:.80}")
     return _tensor(storage, storage_offset, size, stride, dtype.code)
@@ -334,7 +331,6 @@ _ALLOWED_CALLS = {
     "copyreg._reconstructor": _copyreg_reconstructor,
     "copyreg.__newobj__": _copyreg_newobj,
 }
-_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 
 class _Call:
@@ -419,7 +415,10 @@ class _Unpickler(pickle.Unpickler):
         self._opaque_types: dict[str, type] = {}
 
     def find_class(self, module: str, name: str):
-        module = _PY2_MODULES.get(module, module)
+        # Python 2 names (protocol 2 writes "__builtin__", "copy_reg", "commands" ...), mapped as pickle does.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         qualname = f"{module}.{name}"
         if qualname in _ALLOWED_CALLS:
             return _Call(qualname)
@@ -435,9 +434,7 @@ class _Unpickler(pickle.Unpickler):
         if self._strict:
             raise _Bad(f"refusing global {qualname} (not in the allow-list; strict=True)")
         if qualname not in self._opaque_types:
-            self._opaque_types[qualname] = type(
-                "Opaque", (OpaqueObject,), {"__slots__": (), "qualname": qualname}
-            )
+            self._opaque_types[qualname] = type("Opaque", (OpaqueObject,), {"__slots__": (), "qualname": qualname})
         return self._opaque_types[qualname]
 
     def persistent_load(self, pid):
@@ -476,9 +473,7 @@ def _read_zip(data: bytes, strict: bool) -> Any:
 
     def load_storage(code: str, rest: tuple) -> _Storage:
         if len(rest) != 3:
-            raise _Bad(
-                f"zip-format storage id must be (type, key, location, numel), got {len(rest) + 1} fields"
-            )
+            raise _Bad(f"zip-format storage id must be (type, key, location, numel), got {len(rest) + 1} fields")
         key, _location, numel = str(rest[0]), rest[1], _check_numel(rest[2])
         if key not in storages:
             member = f"{prefix}data/{key}"
@@ -561,9 +556,7 @@ def _read_legacy(data: bytes, strict: bool) -> Any:
     return _Unpickler(stream, strict=strict, load_storage=load_storage).load()
 
 
-def read_torch_checkpoint(
-    source: str | os.PathLike | bytes, *, strict: bool = False, name: str | None = None
-) -> Any:
+def read_torch_checkpoint(source: str | os.PathLike | bytes, *, strict: bool = False, name: str | None = None) -> Any:
     """Read a `torch.save` file (zip or legacy format) into containers with numpy arrays, never running code.
 
     Args:
@@ -593,9 +586,7 @@ def read_torch_checkpoint(
         return _read_legacy(data, strict)
     except Exception as exc:  # every parse failure becomes a CheckpointError naming the file
         detail = (
-            str(exc)
-            if isinstance(exc, _Bad)
-            else f"corrupted or truncated checkpoint ({type(exc).__name__}: {exc})"
+            str(exc) if isinstance(exc, _Bad) else f"corrupted or truncated checkpoint ({type(exc).__name__}: {exc})"
         )
         raise CheckpointError(f"{name}: {detail}") from exc
 

@@ -5,8 +5,13 @@ section 3). Comparisons against `torch.load` run only when torch is importable.
 """
 
 import hashlib
+import io
+import json
+import os
 import pickle
+import re
 import struct
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -92,9 +97,9 @@ def test_crystalformer_lightning_checkpoints(name, layers, entries):
     assert sd["swa_model.module.input_embeddings.weight"].shape == (128, 98)
     assert sd[prefix + "0.self_attn.pe_dist_proj"].shape == (1, 8, 16, 64)
     # The README states the live copy differs from the SWA copy in every other tensor.
-    assert not np.array_equal(
-        sd["model.mlp.0.weight"], sd["swa_model.module.mlp.0.weight"]
-    ) or not np.array_equal(sd["model.mlp.0.bias"], sd["swa_model.module.mlp.0.bias"])
+    assert not np.array_equal(sd["model.mlp.0.weight"], sd["swa_model.module.mlp.0.weight"]) or not np.array_equal(
+        sd["model.mlp.0.bias"], sd["swa_model.module.mlp.0.bias"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -112,9 +117,7 @@ def test_alignn_member_inside_zip(name, member, entries, n_params, wrapped):
     assert len(sd) == entries
     buffers = ("running_mean", "running_var", "num_batches_tracked", "centers")
     assert sum(v.size for k, v in sd.items() if not k.endswith(buffers)) == n_params
-    assert all(
-        v.dtype == (np.int64 if k.endswith("num_batches_tracked") else np.float32) for k, v in sd.items()
-    )
+    assert all(v.dtype == (np.int64 if k.endswith("num_batches_tracked") else np.float32) for k, v in sd.items())
     np.testing.assert_allclose(sd["edge_embedding.0.centers"], np.linspace(0, 8, 80), rtol=0, atol=5e-7)
     np.testing.assert_allclose(sd["angle_embedding.0.centers"], np.linspace(-1, 1, 40), rtol=0, atol=1e-7)
     assert sd["fc.bias"].shape == (() if "logk" in name else (1,))
@@ -250,11 +253,7 @@ def legacy_checkpoint(path: Path, main_pkl: bytes, little: bool = True, storages
     storages = {"0": (6, STORAGE0.tobytes())} if storages is None else storages
     order = "<" if little else ">"
     head = [0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": little}]
-    blob = (
-        b"".join(pickle.dumps(x, protocol=2) for x in head)
-        + main_pkl
-        + pickle.dumps(list(storages), protocol=2)
-    )
+    blob = b"".join(pickle.dumps(x, protocol=2) for x in head) + main_pkl + pickle.dumps(list(storages), protocol=2)
     for count, raw in storages.values():
         blob += struct.pack(order + "q", count) + raw
     path.write_bytes(blob)
@@ -268,9 +267,7 @@ def legacy_tensor(key: str, shape: tuple, stride: tuple, numel: int, view: bytes
 
 def test_hand_made_zip_and_legacy_checkpoints_read_back(tmp_path):
     zip_body = dct((s("w"), tensor("0", (2, 3), (3, 1), 6)), (s("wt"), tensor("0", (3, 2), (1, 3), 6)))
-    legacy_body = dct(
-        (s("w"), legacy_tensor("0", (2, 3), (3, 1), 6)), (s("wt"), legacy_tensor("0", (3, 2), (1, 3), 6))
-    )
+    legacy_body = dct((s("w"), legacy_tensor("0", (2, 3), (3, 1), 6)), (s("wt"), legacy_tensor("0", (3, 2), (1, 3), 6)))
     zip_path = zip_checkpoint(tmp_path / "a.pt", pkl(zip_body))
     for path in (zip_path, legacy_checkpoint(tmp_path / "b.pt", pkl(legacy_body))):
         ck = read_torch_checkpoint(path, strict=True)
@@ -285,9 +282,7 @@ def test_legacy_big_endian_and_storage_views(tmp_path):
         (s("view"), legacy_tensor("0", (2,), (1,), 6, view=tup(s("v1"), i(3), i(2)))),  # elements 3 and 4
     )
     storages = {"0": (6, STORAGE0.astype(">f4").tobytes())}
-    ck = read_torch_checkpoint(
-        legacy_checkpoint(tmp_path / "be.pt", pkl(body), little=False, storages=storages)
-    )
+    ck = read_torch_checkpoint(legacy_checkpoint(tmp_path / "be.pt", pkl(body), little=False, storages=storages))
     np.testing.assert_array_equal(ck["w"], STORAGE0.reshape(2, 3))
     np.testing.assert_array_equal(ck["view"], [3.0, 4.0])
     assert ck["w"].dtype == np.float32 and ck["w"].dtype.isnative
@@ -308,3 +303,263 @@ def test_malformed_tensors_raise(tmp_path, body, problem):
     path = zip_checkpoint(tmp_path / "bad.pt", pkl(body))
     with pytest.raises(CheckpointError, match=rf"bad\.pt: .*{problem}"):
         read_torch_checkpoint(path)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# malicious pickles: nothing may run, in either checkpoint format, strict or not
+# ------------------------------------------------------------------------------------------------------------
+
+
+class _SystemCall:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+class _PopenCall:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return subprocess.Popen, (["sh", "-c", self.command],)
+
+
+def body_of(obj) -> bytes:
+    """Opcodes of `pickle.dumps(obj, protocol=2)` without PROTO and STOP (so they can be embedded)."""
+    return pickle.dumps(obj, protocol=2)[2:-1]
+
+
+def payloads(command: str) -> dict[str, tuple[bytes, str, bool]]:
+    """name -> (opcodes, offending global, True if the non-strict reader returns an inert object for it)."""
+    run = s(command)
+    system = call(g("os", "system"), run)
+    py = s(f"__import__('os').system({command!r})")
+    getattr_chain = call(call(g("builtins", "getattr"), call(g("builtins", "__import__"), s("os")), s("system")), run)
+    return {
+        "reduce_os_system": (body_of(_SystemCall(command)), "system", True),
+        "reduce_subprocess_popen": (body_of(_PopenCall(command)), "subprocess.Popen", True),
+        "builtins_eval": (call(g("builtins", "eval"), py), "builtins.eval", True),
+        "builtins_exec": (call(g("builtins", "exec"), py), "builtins.exec", True),
+        "py2_builtin_eval": (call(g("__builtin__", "eval"), py), "builtins.eval", True),
+        "getattr_chain": (getattr_chain, "builtins.getattr", False),  # calling an opaque result is refused
+        "inst_opcode": (b"(" + run + b"ios\nsystem\n", "os.system", True),
+        "obj_opcode": (b"(" + g("os", "system") + run + b"o", "os.system", True),
+        "stack_global": (s("os") + s("system") + b"\x93" + tup(run) + b"R", "os.system", True),
+        "newobj_build": (g("os", "system") + tup() + b"\x81" + dct((s("cmd"), run)) + b"b", "os.system", True),
+        "nested_in_ordereddict": (
+            call(g("collections", "OrderedDict"), call(g("os", "system"), run)),
+            "os.system",
+            False,
+        ),
+        "nested_as_tensor_storage": (
+            call(
+                g("torch._utils", "_rebuild_tensor_v2"),
+                call(g("os", "system"), run),
+                i(0),
+                tup(i(1)),
+                tup(i(1)),
+            ),
+            "os.system",
+            False,
+        ),
+        "reduce_on_reduce_result": (call(call(g("os", "popen"), run), s("r")), "os.popen", False),
+        "rebuild_from_type_with_system": (
+            call(
+                g("torch._tensor", "_rebuild_from_type_v2"),
+                g("os", "system"),
+                g("torch", "Tensor"),
+                tup(run),
+                b"N",
+            ),
+            "os.system",
+            False,
+        ),
+        "object_dtype_array": (
+            call(g("numpy.core.multiarray", "_reconstruct"), g("numpy", "ndarray"), tup(i(0)), s("b"))
+            + tup(
+                i(1),
+                tup(i(1)),
+                call(g("numpy", "dtype"), s("O"), b"\x89", b"\x88"),
+                b"\x89",
+                b"](" + system + b"e",
+            )
+            + b"b",
+            "unsupported dtype",  # numpy.dtype is allowed, the object dtype is refused before os.system is reached
+            False,
+        ),
+    }
+
+
+class _Recorder:
+    """Stands in for every global in the control unpickler; records each call with its arguments."""
+
+    def __init__(self, qualname: str, calls: list):
+        self.qualname, self.calls = qualname, calls
+
+    def __call__(self, *args):
+        self.calls.append((self.qualname, args))
+        return _Recorder(f"{self.qualname}()", self.calls)
+
+
+class _RecordingUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, calls: list):
+        super().__init__(io.BytesIO(data))
+        self.calls = calls
+
+    def find_class(self, module, name):
+        return _Recorder(f"{module}.{name}", self.calls)
+
+
+@pytest.mark.parametrize("name", [n for n, (_, _, inert) in payloads("x").items() if n != "newobj_build"])
+def test_control_payloads_would_call_the_command(name):
+    """Control: with a normal unpickler each payload really calls a global with the command string."""
+    calls: list = []
+    try:
+        _RecordingUnpickler(pkl(payloads("touch /nonexistent/marker")[name][0]), calls).load()
+    except Exception:  # the recorders are not real objects; the calls made before that point are what matter
+        pass
+    assert any("touch /nonexistent/marker" in repr(args) for _, args in calls), calls
+
+
+@pytest.mark.parametrize("embedding", ["zip", "legacy"])
+@pytest.mark.parametrize("name", list(payloads("x")))
+def test_malicious_pickles_never_execute(tmp_path, embedding, name):
+    marker = tmp_path / "pwned"
+    payload, offending, inert = payloads(f"touch {marker}")[name]
+    if embedding == "zip":
+        body = dct((s("w"), tensor("0", (2, 3), (3, 1), 6)), (s("evil"), payload))
+        path = zip_checkpoint(tmp_path / "evil.pt", pkl(body))
+    else:
+        body = dct((s("w"), legacy_tensor("0", (2, 3), (3, 1), 6)), (s("evil"), payload))
+        path = legacy_checkpoint(tmp_path / "evil.pth.tar", pkl(body))
+
+    with pytest.raises(CheckpointError, match=re.escape(str(path))) as strict_error:
+        read_torch_checkpoint(path, strict=True)
+    assert offending in str(strict_error.value)
+    if inert:
+        ck = read_torch_checkpoint(path)
+        np.testing.assert_array_equal(ck["w"], STORAGE0.reshape(2, 3))
+        assert isinstance(ck["evil"], OpaqueObject)
+    else:
+        with pytest.raises(CheckpointError, match=re.escape(str(path))):
+            read_torch_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_allowed_globals_cannot_be_mutated(tmp_path):
+    """BUILD on an allow-listed function must not change it (later loads would run attacker-chosen state)."""
+    body = g("torch._utils", "_rebuild_tensor_v2") + tup(b"N", dct((s("__defaults__"), tup(i(1))))) + b"b"
+    path = zip_checkpoint(tmp_path / "mutate.pt", pkl(body))
+    with pytest.raises(CheckpointError, match="mutate.pt"):
+        read_torch_checkpoint(path)
+    np.testing.assert_array_equal(read_torch_checkpoint(RANDOM_CGCNN)["normalizer"]["mean"], np.float32(-0.7312))
+
+
+def test_legacy_module_source_is_not_executed(tmp_path):
+    """Old whole-model pickles carry ("module", class, file, source) persistent ids; the source is never run."""
+    marker = tmp_path / "pwned"
+    source = f"import os; os.system('touch {marker}')"
+    module_pid = tup(s("module"), g("evil_models", "Net"), s("net.py"), s(source)) + b"Q"
+    body = (
+        module_pid + tup() + b"\x81" + dct((s("_parameters"), dct((s("w"), legacy_tensor("0", (6,), (1,), 6))))) + b"b"
+    )
+    ck = read_torch_checkpoint(legacy_checkpoint(tmp_path / "model.pt", pkl(body)))
+    assert isinstance(ck, OpaqueObject) and ck.qualname == "evil_models.Net"
+    np.testing.assert_array_equal(ck.state["_parameters"]["w"], STORAGE0)
+    with pytest.raises(CheckpointError, match="evil_models.Net"):
+        read_torch_checkpoint(tmp_path / "model.pt", strict=True)
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# corrupted files, and all real CGCNN release files
+# ------------------------------------------------------------------------------------------------------------
+
+
+def corruptions(tmp_path: Path) -> dict[str, Path]:
+    zip_bytes, legacy_bytes = RANDOM_CGCNN.read_bytes(), BAND_GAP.read_bytes()
+    with zipfile.ZipFile(RANDOM_CGCNN) as archive:  # flip one byte inside the first stored tensor
+        info = archive.getinfo(next(n for n in archive.namelist() if "/data/" in n))
+    name_len, extra_len = struct.unpack("<HH", zip_bytes[info.header_offset + 26 : info.header_offset + 30])
+    data_start = info.header_offset + 30 + name_len + extra_len  # local header: its extra field pads to 64 bytes
+    flipped = bytearray(zip_bytes)
+    flipped[data_start] ^= 0xFF
+    files = {
+        "truncated_zip.pth.tar": zip_bytes[: len(zip_bytes) // 2],
+        "crc_error.pth.tar": bytes(flipped),
+        "truncated_legacy.pth.tar": legacy_bytes[:-1000],
+        "truncated_legacy_pickle.pth.tar": legacy_bytes[:5000],
+        "garbage.pth.tar": np.random.default_rng(0).bytes(4096),
+        "empty.pth.tar": b"",
+        "plain_pickle.pkl": pickle.dumps({"a": 1}, protocol=2),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return {name: tmp_path / name for name in files}
+
+
+def test_corrupted_files_raise_checkpoint_error_naming_the_file(tmp_path):
+    for name, path in corruptions(tmp_path).items():
+        with pytest.raises(CheckpointError, match=re.escape(str(path))):
+            read_torch_checkpoint(path)
+        with pytest.raises(CheckpointError, match=re.escape(name)):
+            read_torch_checkpoint(path.read_bytes(), name=name)
+    with pytest.raises(CheckpointError, match="no_such_file.pt"):
+        read_torch_checkpoint(tmp_path / "no_such_file.pt")
+    with pytest.raises(CheckpointError, match=r"random_cgcnn\.pth\.tar::nope\.pt"):
+        read_torch_checkpoint_from_zip(RANDOM_CGCNN, "nope.pt")
+
+
+# sha256 of the original CGCNN release files, from the CGCNN fixture README (section 3.1).
+CGCNN_RELEASE_SHA256 = {
+    "band-gap": "d269775b9be0995c046abed3dd6556c281a3eff7b2e1d73cf81b99e2a1d4aa6c",
+    "bulk-moduli": "0a3f66b9a0ee6acef11bb852717424a6c3560073239c17bdbea568cc43816dd3",
+    "efermi": "5ed4ba15b5bd3e04ce6b0eca75f15bb6465557aada4097f11291ea1e7cd48afb",
+    "final-energy-per-atom": "1afe9260a0b7bd01d2a0a752fbac12be5badea6a56e57aeea5877ae8f9a32c57",
+    "formation-energy-per-atom": "e2f8bb910744f2c2f21d968285b6fd4316d795d0f3e7465ed0e3b4f3c92651a1",
+    "poisson-ratio": "8d152338550b49ff6c3790cccdb892ee8bafe513bc49ab21955cdf7807e89513",
+    "semi-metal-classification": "3791d48885afafb28c0797e22637b63ea591cf7fb27497ce537911261b92edc8",
+    "shear-moduli": "34173bc59a0a8f9f74021155b304b74d9e709b1ff241d3f02e83031c9deb216c",
+}
+
+
+@pytest.mark.parametrize("model", sorted(CGCNN_RELEASE_SHA256))
+def test_all_cgcnn_release_files(model):
+    path = needs_shared(f"data/weights/cgcnn_f42ab233/pre-trained/{model}.pth.tar")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == CGCNN_RELEASE_SHA256[model]
+    ck = read_torch_checkpoint(path, strict=True)
+    args = ck["args"]
+    shapes = cgcnn_shapes(args["atom_fea_len"], args["n_conv"], args["h_fea_len"], args["n_h"])
+    if args["task"] == "classification":  # two logits instead of one output
+        shapes |= {"fc_out.weight": (2, args["h_fea_len"]), "fc_out.bias": (2,)}
+    assert {k: v.shape for k, v in ck["state_dict"].items()} == shapes
+    reference = SHARED / "fixtures" / "cgcnn" / "reference_outputs.json"
+    documented = json.loads(reference.read_text())["checkpoints"].get(model) if reference.exists() else None
+    if documented is not None:  # the three models used by the references: exact float64 values
+        assert ck["normalizer"] == documented["normalizer"]
+        assert (ck["epoch"], ck["best_mae_error"]) == (documented["epoch"], documented["best_mae_error"])
+
+
+def test_values_equal_torch_load():
+    """Every entry equals what torch.load(weights_only=True) returns (runs only where torch is installed)."""
+    torch = pytest.importorskip("torch")
+    paths = [RANDOM_CGCNN, BAND_GAP, FIXTURES / "dtypes_zip.pt", FIXTURES / "dtypes_legacy.pt"]
+    paths += [p for p in sorted((SHARED / "fixtures" / "crystalformer").glob("*.ckpt"))]
+
+    def plain(obj):
+        if isinstance(obj, dict):
+            return {k: plain(v) for k, v in obj.items()}
+        if isinstance(obj, list | tuple) and not isinstance(obj, torch.Size):
+            return type(obj)(plain(v) for v in obj)
+        if isinstance(obj, torch.Tensor):
+            obj = obj.detach()
+            return (obj.float() if obj.dtype == torch.bfloat16 else obj).numpy()
+        return tuple(obj) if isinstance(obj, torch.Size) else obj
+
+    for path in paths:
+        ours, theirs = read_torch_checkpoint(path, strict=True), plain(torch.load(path, map_location="cpu", weights_only=True))
+        np.testing.assert_equal(ours, theirs, err_msg=str(path))
+        want, got = flatten_arrays(theirs), flatten_arrays(ours)
+        assert all(got[k].dtype == want[k].dtype for k in want), path
