@@ -47,6 +47,7 @@ import pickle
 import struct
 import zipfile
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -234,7 +235,7 @@ def _rebuild_from_type_v2(func, new_type, args, state):
 
 def _ordered_dict(items=()):
     if isinstance(items, dict):
-        return OrderedDict(items)
+        return OrderedDict(dict.items(items))  # dict.items: never a method the pickle could have attached
     if isinstance(items, list | tuple) and all(isinstance(p, list | tuple) and len(p) == 2 for p in items):
         return OrderedDict(items)
     raise _Bad(f"OrderedDict from unsupported argument {type(items).__name__}")
@@ -459,6 +460,14 @@ def _check_numel(numel: Any) -> int:
     return numel
 
 
+def _read_member(archive: zipfile.ZipFile, name: str, archive_bytes: int) -> bytes:
+    """One zip member; refuses members that would inflate to more than 64x the archive (zip bombs)."""
+    size = archive.getinfo(name).file_size
+    if size > 64 * max(archive_bytes, 1 << 16):
+        raise _Bad(f"zip member {name!r} would inflate to {size} bytes (archive has {archive_bytes})")
+    return archive.read(name)
+
+
 def _read_zip(data: bytes, strict: bool) -> Any:
     archive = zipfile.ZipFile(io.BytesIO(data))
     names = archive.namelist()
@@ -466,7 +475,8 @@ def _read_zip(data: bytes, strict: bool) -> Any:
     if not pickles:
         raise _Bad("zip archive without a <prefix>/data.pkl member: not a torch zip checkpoint")
     prefix = pickles[0][: -len("data.pkl")]
-    byteorder = archive.read(prefix + "byteorder").decode() if prefix + "byteorder" in names else "little"
+    byteorder = _read_member(archive, prefix + "byteorder", len(data)) if prefix + "byteorder" in names else b"little"
+    byteorder = byteorder.decode("ascii", errors="replace")
     if byteorder not in ("little", "big"):
         raise _Bad(f"unknown byteorder {byteorder!r:.20}")
     storages: dict[str, _Storage] = {}
@@ -479,14 +489,15 @@ def _read_zip(data: bytes, strict: bool) -> Any:
             member = f"{prefix}data/{key}"
             if member not in names:
                 raise _Bad(f"storage {member!r} is missing from the archive")
-            raw = archive.read(member)
+            raw = _read_member(archive, member, len(data))
             nbytes = numel * _itemsize(code)
             if len(raw) < nbytes:
                 raise _Bad(f"storage {member!r} has {len(raw)} bytes, expected {nbytes}")
             storages[key] = _Storage(raw[:nbytes], code, numel, byteorder == "little")
         return storages[key]
 
-    return _Unpickler(io.BytesIO(archive.read(pickles[0])), strict=strict, load_storage=load_storage).load()
+    stream = io.BytesIO(_read_member(archive, pickles[0], len(data)))
+    return _Unpickler(stream, strict=strict, load_storage=load_storage).load()
 
 
 def _read_legacy(data: bytes, strict: bool) -> Any:
@@ -575,7 +586,7 @@ def read_torch_checkpoint(source: str | os.PathLike | bytes, *, strict: bool = F
     if name is None:
         name = "<bytes>" if isinstance(source, bytes | bytearray) else os.fspath(source)
     try:
-        data = bytes(source) if isinstance(source, bytes | bytearray) else open(source, "rb").read()
+        data = bytes(source) if isinstance(source, bytes | bytearray) else Path(source).read_bytes()
     except OSError as exc:
         raise CheckpointError(f"{name}: cannot read checkpoint ({exc.strerror or exc})") from exc
     try:
@@ -599,7 +610,7 @@ def read_torch_checkpoint_from_zip(zip_path: str | os.PathLike, member: str, *, 
     name = f"{os.fspath(zip_path)}::{member}"
     try:
         with zipfile.ZipFile(zip_path) as archive:
-            data = archive.read(member)
-    except (OSError, zipfile.BadZipFile, KeyError) as exc:
+            data = _read_member(archive, member, os.path.getsize(zip_path))
+    except (OSError, zipfile.BadZipFile, KeyError, _Bad) as exc:
         raise CheckpointError(f"{name}: cannot read the member from the zip archive ({exc})") from exc
     return read_torch_checkpoint(data, strict=strict, name=name)

@@ -559,7 +559,23 @@ def test_values_equal_torch_load():
         return tuple(obj) if isinstance(obj, torch.Size) else obj
 
     for path in paths:
-        ours, theirs = read_torch_checkpoint(path, strict=True), plain(torch.load(path, map_location="cpu", weights_only=True))
+        ours, theirs = (
+            read_torch_checkpoint(path, strict=True),
+            plain(torch.load(path, map_location="cpu", weights_only=True)),
+        )
         np.testing.assert_equal(ours, theirs, err_msg=str(path))
         want, got = flatten_arrays(theirs), flatten_arrays(ours)
         assert all(got[k].dtype == want[k].dtype for k in want), path
+
+
+def test_zip_bomb_is_refused_before_inflating(tmp_path):
+    path = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("bomb/data.pkl", b"\x00" * (16 << 20))  # 16 MB of zeros compress to ~16 kB
+    with pytest.raises(CheckpointError, match=r"bomb\.pt: .*would inflate"):
+        read_torch_checkpoint(path)
+    outer = tmp_path / "outer.zip"
+    with zipfile.ZipFile(outer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("model/best_model.pt", b"\x00" * (16 << 20))
+    with pytest.raises(CheckpointError, match=r"outer\.zip::model/best_model\.pt: .*would inflate"):
+        read_torch_checkpoint_from_zip(outer, "model/best_model.pt")
