@@ -579,3 +579,27 @@ def test_zip_bomb_is_refused_before_inflating(tmp_path):
         archive.writestr("model/best_model.pt", b"\x00" * (16 << 20))
     with pytest.raises(CheckpointError, match=r"outer\.zip::model/best_model\.pt: .*would inflate"):
         read_torch_checkpoint_from_zip(outer, "model/best_model.pt")
+
+
+class _OneCycleLike:
+    """Stands in for a 2021 OneCycleLR whose state_dict pickles its bound `anneal_func` method."""
+
+    def __init__(self):
+        self.total_steps = 300
+
+    def cos(self, start, end, pct):
+        return end + (start - end) / 2.0 * (1 + np.cos(np.pi * pct))
+
+
+def test_pickled_bound_method_stays_inert(tmp_path):
+    scheduler = _OneCycleLike()
+    state = {"total_steps": 300, "anneal_func": scheduler.cos}  # pickles as getattr(<instance>, "cos")
+    body = dct((s("model"), dct((s("w"), tensor("0", (6,), (1,), 6)))), (s("lr_scheduler"), body_of(state)))
+    path = zip_checkpoint(tmp_path / "checkpoint_300.pt", pkl(body))
+    ck = read_torch_checkpoint(path)
+    np.testing.assert_array_equal(ck["model"]["w"], STORAGE0)
+    anneal = ck["lr_scheduler"]["anneal_func"]
+    assert anneal.qualname == "builtins.getattr" and anneal.called and anneal.args[1] == "cos"
+    assert anneal.args[0].qualname.endswith("_OneCycleLike") and anneal.args[0].state == {"total_steps": 300}
+    with pytest.raises(CheckpointError, match="checkpoint_300.pt: refusing global"):
+        read_torch_checkpoint(path, strict=True)
