@@ -143,10 +143,10 @@ class _NumpyNdarrayType(NamedTuple):
 
 
 class _Storage:
-    """A torch storage: `raw` bytes (None in the legacy probe pass), element dtype `code`, `numel` elements."""
+    """A torch storage: `raw` bytes (None in the legacy probe pass) holding elements of dtype `code`."""
 
-    def __init__(self, raw: bytes | None, code: str, numel: int, little_endian: bool):
-        self.raw, self.code, self.numel, self.little_endian = raw, code, numel, little_endian
+    def __init__(self, raw: bytes | None, code: str, little_endian: bool):
+        self.raw, self.code, self.little_endian = raw, code, little_endian
         self._arrays: dict[str, np.ndarray] = {}
 
     def elements(self, code: str) -> np.ndarray:
@@ -493,7 +493,7 @@ def _read_zip(data: bytes, strict: bool) -> Any:
             nbytes = numel * _itemsize(code)
             if len(raw) < nbytes:
                 raise _Bad(f"storage {member!r} has {len(raw)} bytes, expected {nbytes}")
-            storages[key] = _Storage(raw[:nbytes], code, numel, byteorder == "little")
+            storages[key] = _Storage(raw[:nbytes], code, byteorder == "little")
         return storages[key]
 
     stream = io.BytesIO(_read_member(archive, pickles[0], len(data)))
@@ -526,7 +526,7 @@ def _read_legacy(data: bytes, strict: bool) -> Any:
             raise _Bad(f"legacy storage id must have 5 fields, got {len(rest) + 1}")
         key, _location, numel, _view = str(rest[0]), rest[1], _check_numel(rest[2]), rest[3]
         specs.setdefault(key, (code, numel))
-        return _Storage(None, code, numel, little)
+        return _Storage(None, code, little)
 
     _Unpickler(stream, strict=strict, load_storage=probe_storage).load()
     keys = _Unpickler(stream, strict=True).load()
@@ -545,7 +545,7 @@ def _read_legacy(data: bytes, strict: bool) -> Any:
         raw = stream.read(count * _itemsize(code))
         if len(raw) != count * _itemsize(code):
             raise _Bad(f"truncated inside storage {key}")
-        storages[key] = _Storage(raw, code, numel, little)
+        storages[key] = _Storage(raw, code, little)
 
     # Pass 2: rebuild the object with the storages (views into a root storage are legacy "view_metadata").
     def load_storage(code: str, rest: tuple) -> _Storage:
@@ -560,7 +560,7 @@ def _read_legacy(data: bytes, strict: bool) -> Any:
             size_b, offset_b = size * _itemsize(root.code), offset * _itemsize(root.code)
             if offset < 0 or size < 0 or offset_b + size_b > len(root.raw):
                 raise _Bad(f"storage view {view_key} reaches outside storage {rest[0]}")
-            views[view_key] = _Storage(root.raw[offset_b : offset_b + size_b], root.code, size, little)
+            views[view_key] = _Storage(root.raw[offset_b : offset_b + size_b], root.code, little)
         return views[view_key]
 
     stream.seek(start)
