@@ -122,9 +122,7 @@ def test_tolerance_window_uses_the_goldschmidt_factor():
 
 
 def test_neutrality_for_perovskites_uses_smoacs_patterns():
-    structures, roles = zip(
-        *(perovskite(a, b) for a, b in (("Ca", "Ti"), ("K", "Nb"), ("Na", "Ti"))), strict=True
-    )
+    structures, roles = zip(*(perovskite(a, b) for a, b in (("Ca", "Ti"), ("K", "Nb"), ("Na", "Ti"))), strict=True)
     c = make_candidates(list(structures), "perovskite", roles=list(roles), tolerance=np.full(3, 0.9))
     df_perov = evaluate(c, PEROV)
     df_general = evaluate(make_candidates(list(structures), "general"), GENERAL)
@@ -151,9 +149,7 @@ def test_neutrality_is_checked_for_135_atom_supercells():
 
 def test_each_perovskite_criterion_alone_breaks_success():
     base, roles = perovskite()
-    overlap = Structure(
-        base.lattice, base.species, np.vstack([base.frac_coords[:4], base.frac_coords[3] + 0.02])
-    )
+    overlap = Structure(base.lattice, base.species, np.vstack([base.frac_coords[:4], base.frac_coords[3] + 0.02]))
     tilted, _ = perovskite(angles=(90.0, 100.0, 90.0))
     init, final, shifted = moved(base, roles, 1, 0, 0.5, 0.7)
     knbo3, _ = perovskite("K", "Nb")
@@ -310,3 +306,14 @@ def test_summary_without_successes_and_na_columns():
     assert "perov_success" not in out  # applies nowhere
     with pytest.raises(ConfigError, match="structure"):
         summarize(pd.DataFrame(df.drop(columns="structure")), GENERAL)
+
+
+def test_rank_puts_successes_first_then_closest_to_the_window():
+    structures = [rock_salt()] * 4
+    c = make_candidates(
+        structures, "general", band_gap=[3.5, 3.1, 2.0, 2.9], formation_energy=[-1, -0.6, -1, 0], names=list("abcd")
+    )
+    df = evaluate(c, GENERAL)
+    assert list(ev.rank(df, GENERAL)) == ["b", "d", "a", "c"]  # b succeeds; d fails E_f only (distance 0)
+    maximize = Criteria("band_gap", None, tolerance_window=None, angle_window=None)
+    assert list(ev.rank(evaluate(c, maximize), maximize)) == ["a", "b", "c", "d"]  # successes by largest gap
