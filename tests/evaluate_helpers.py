@@ -20,9 +20,7 @@ def perovskite(a: str = "Ca", b: str = "Ti", x: str = "O", length: float = 3.9, 
 
 def rock_salt(cation: str = "Na", anion: str = "Cl", length: float = 5.64) -> Structure:
     """Conventional 8-atom rock-salt cell."""
-    return Structure.from_spacegroup(
-        "Fm-3m", Lattice.cubic(length), [cation, anion], [[0, 0, 0], [0.5, 0.5, 0.5]]
-    )
+    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(length), [cation, anion], [[0, 0, 0], [0.5, 0.5, 0.5]])
 
 
 def make_candidates(
@@ -54,12 +52,8 @@ def make_candidates(
     if tolerance is None and family == "perovskite":
         tolerance = np.array([perovskite_tolerance(s) for s in structures])
     band_gap = np.full(b, 3.0) if band_gap is None else np.asarray(band_gap, dtype=float)
-    formation_energy = (
-        np.full(b, -1.0) if formation_energy is None else np.asarray(formation_energy, dtype=float)
-    )
-    names = names or [
-        f"batch000_cand{i:03d}__{s.composition.reduced_formula}" for i, s in enumerate(structures)
-    ]
+    formation_energy = np.full(b, -1.0) if formation_energy is None else np.asarray(formation_energy, dtype=float)
+    names = names or [f"batch000_cand{i:03d}__{s.composition.reduced_formula}" for i, s in enumerate(structures)]
     return Candidates(
         names=list(names),
         template_names=[f"template{i}" for i in range(b)],
