@@ -25,7 +25,7 @@ from jaxcrystal.evaluate import Candidates, Criteria, evaluate, summarize
 from jaxcrystal.predictors import load_predictor
 from jaxcrystal.results import ResultWriter
 from jaxcrystal.smoacs import parametrization as pz
-from jaxcrystal.smoacs.loop import LoopConfig, PropertyModel, make_predict, make_run, tolerance_of
+from jaxcrystal.smoacs.loop import LoopConfig, PropertyModel, make_loop, make_predict, tolerance_of
 from jaxcrystal.smoacs.mutation import CopyMutation
 from jaxcrystal.smoacs.problem import build_problem
 from jaxcrystal.smoacs.schedules import sine_rebuild_steps
@@ -83,9 +83,7 @@ class RunConfig:
         if self.mask_mode not in ("exact", "smoacs"):
             raise ConfigError(f"mask_mode must be 'exact' or 'smoacs', got {self.mask_mode!r}")
         if self.graph_refresh != "every" and not str(self.graph_refresh).isdigit():
-            raise ConfigError(
-                f"graph_refresh must be 'every' or a number of rebuilds, got {self.graph_refresh!r}"
-            )
+            raise ConfigError(f"graph_refresh must be 'every' or a number of rebuilds, got {self.graph_refresh!r}")
         target = self.target
         if task.default_target is None and target is not None:
             raise ConfigError(f"task {self.task} maximizes {task.main}; it takes no target")
@@ -133,9 +131,7 @@ def load_property_models(config: RunConfig) -> dict:
     needed = [task.main, task.second]
     unknown = set(config.weights) - set(presets.PROPERTIES)
     if unknown:
-        raise ConfigError(
-            f"--weights names unknown properties {sorted(unknown)}; known: {sorted(presets.PROPERTIES)}"
-        )
+        raise ConfigError(f"--weights names unknown properties {sorted(unknown)}; known: {sorted(presets.PROPERTIES)}")
     models = {}
     for prop in needed:
         units, description = presets.PROPERTIES[prop]
@@ -258,13 +254,13 @@ def optimize(
     loop, row_name = _loop_config(config, models, pool)
     criteria = criteria_for(config, loop)
     params = {name: m.predictor.params for name, m in models.items()}
-    run = make_run(models, loop)
+    compiled = make_loop(models, loop)
     predict = make_predict(models)
     record = dataclasses.asdict(config) | {"hyper_parameters": row_name}
     writer = ResultWriter(out, record, overwrite=overwrite) if out is not None else None
     frames, batches, histories = [], [], []
     num_batches = -(-config.num_candidates // config.batch_size)
-    key = jax.random.key(config.seed)
+    key = jax.random.PRNGKey(config.seed)
     start = time.perf_counter()
     for index in range(num_batches):
         lo = index * config.batch_size
@@ -275,7 +271,8 @@ def optimize(
         problem = jax.tree.map(jnp.asarray, problem)
         variables = pz.initial_variables(lengths, angles, problem)
         t0 = time.perf_counter()
-        variables, problem, healthy, history = run(params, variables, problem, jax.random.fold_in(key, index))
+        state, history = compiled.run(params, variables, problem, jax.random.fold_in(key, index))
+        variables, problem, healthy = state.variables, state.problem, state.healthy
         history = jax.tree.map(np.asarray, history)
         t1 = time.perf_counter()
         candidates, onehot_batch = _discretize(
@@ -304,9 +301,7 @@ def optimize(
         summary = summarize(table, criteria, templates=reference)
     batch = concatenate(batches)
     history = {k: np.concatenate([h[k] for h in histories], axis=1) for k in histories[0]}
-    return OptimizationResult(
-        batch, batch.to_structures(), table, summary, history, config, Path(out) if out else None
-    )
+    return OptimizationResult(batch, batch.to_structures(), table, summary, history, config, Path(out) if out else None)
 
 
 def _discretize(index, offset, pool, variables, problem, healthy, history, loop, params, predict):

@@ -15,6 +15,7 @@ Adam is element-wise, so one optimizer state over the batch is exactly B indepen
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -150,26 +151,60 @@ def _per_candidate_finite(tree, b):
     return jnp.stack(leaves).all(axis=0)
 
 
-def make_run(models: dict, config: LoopConfig):
-    """Builds the jitted run of one batch.
+class LoopState(NamedTuple):
+    """The scan carry of a batch: everything needed to continue a run (a pytree of arrays, checkpointable).
+
+    Attributes:
+      step: [] int32, the next step to take.
+      variables: the SMOACS `Variables`.
+      opt_state: the optax state.
+      problem: the per-candidate constants (copy-mutation moves them).
+      graphs: property name -> neighbour topology of each graph predictor.
+      healthy: [B] bool, False once a candidate met NaN/inf (it is frozen).
+      overflow: [B] bool, True once a graph predictor's static capacity was too small for the candidate.
+      rng: [2] uint32 raw PRNG key.
+    """
+
+    step: jax.Array
+    variables: pz.Variables
+    opt_state: optax.OptState
+    problem: pz.Problem
+    graphs: dict
+    healthy: jax.Array
+    overflow: jax.Array
+    rng: jax.Array
+
+
+class Loop(NamedTuple):
+    """The compiled loop of one batch (see `make_loop`)."""
+
+    init: Callable
+    advance: Callable
+    run: Callable
+
+
+def make_loop(models: dict, config: LoopConfig) -> Loop:
+    """Builds the jitted loop of one batch.
 
     Args:
       models: property name -> `PropertyModel`.
       config: the `LoopConfig`.
 
     Returns:
-      `run(params, variables, problem, rng) -> (variables, problem, healthy, history)` where params maps property
-      name -> predictor params, history maps "loss", "tau" and each property (and "tolerance") to [num_steps, B].
-      It is `jax.jit`-compiled once per batch shape; all steps run in one `lax.scan`.
+      `Loop` of three jitted functions (params maps property name -> predictor params):
+      * `init(params, variables, problem, rng) -> LoopState` (step 0, graphs built, fresh optimizer);
+      * `advance(params, state, num_steps) -> (state, history)`: the next `num_steps` steps (static) in one
+        `lax.scan`; history maps "loss", "tau" and each property (and "tolerance") to [num_steps, B];
+      * `run(params, variables, problem, rng) -> (state, history)`: init + every step.
+      Each is compiled once per batch shape (and `num_steps`), so a run split into segments (checkpoints,
+      progress) reuses one compiled scan.
     """
     tx = make_optimizer(config)
     taus = jnp.asarray(temperature(config.num_steps, *config.temperature))
     refresh = jnp.asarray(config.refresh_table())
     mutate_now = jnp.asarray(config.mutation_table())
     graph_names = tuple(n for n, m in models.items() if m.predictor.is_graph_model)
-    main_key = next(
-        (f"{o.kind}:{o.property}" for o in config.objectives if o.property == config.main_property), None
-    )
+    main_key = next((f"{o.kind}:{o.property}" for o in config.objectives if o.property == config.main_property), None)
     second_key = next(
         (f"{o.kind}:{o.property}" for o in config.objectives if o.property == config.second_property), None
     )
@@ -185,15 +220,21 @@ def make_run(models: dict, config: LoopConfig):
         loss, parts = total_loss(config.objectives, predictions, tolerance, config.tolerance)
         return loss, (parts, predictions)
 
-    def build_graphs(params, variables, problem):
+    def build_graphs(variables, problem):
         crystal, _ = pz.decode(variables, problem, config.geometry, taus[0])
         lattice, frac, _, mask = jax.lax.stop_gradient(crystal)
         return {n: models[n].predictor.build_graph(lattice, frac, mask) for n in graph_names}
 
-    def step(params, carry, s):
-        variables, opt_state, problem, graphs, healthy, rng = carry
-        graphs = jax.lax.cond(refresh[s], lambda: build_graphs(params, variables, problem), lambda: graphs)
+    def graph_overflow(graphs, b):
+        flags = [jnp.reshape(g.overflow, (b,)) for g in graphs.values() if hasattr(g, "overflow")]
+        return jnp.any(jnp.stack(flags), axis=0) if flags else jnp.zeros(b, dtype=bool)
+
+    def step(params, state: LoopState, _):
+        s = state.step
+        variables, opt_state, problem, healthy = state.variables, state.opt_state, state.problem, state.healthy
         b = healthy.shape[0]
+        graphs = jax.lax.cond(refresh[s], lambda: build_graphs(variables, problem), lambda: state.graphs)
+        overflow = state.overflow | graph_overflow(graphs, b)
 
         def objective(v):
             loss, aux = losses(v, problem, params, graphs, taus[s])
@@ -206,6 +247,7 @@ def make_run(models: dict, config: LoopConfig):
         updates = jax.tree.map(lambda u: jnp.where(_bcast(healthy, u), u, 0.0), updates)
         variables = pz.project(optax.apply_updates(variables, updates), problem, config.geometry)
 
+        rng = state.rng
         if config.mutation is not None:
             rng, key = jax.random.split(rng)
 
@@ -228,19 +270,35 @@ def make_run(models: dict, config: LoopConfig):
             )
 
         row = {"loss": loss, "tau": jnp.broadcast_to(taus[s], loss.shape)}
-        row.update({n: predictions[n] for n in predictions})
-        return (variables, opt_state, problem, graphs, healthy, rng), row
+        row.update(predictions)
+        new_state = LoopState(s + 1, variables, opt_state, problem, graphs, healthy, overflow, rng)
+        return new_state, row
 
     @jax.jit
-    def run(params, variables, problem, rng):
-        graphs = build_graphs(params, variables, problem)
-        healthy = jnp.ones(problem.atom_mask.shape[0], dtype=bool)
-        carry = (variables, tx.init(variables), problem, graphs, healthy, rng)
-        carry, history = jax.lax.scan(functools.partial(step, params), carry, jnp.arange(config.num_steps))
-        variables, _, problem, _, healthy, _ = carry
-        return variables, problem, healthy, history
+    def init(params, variables, problem, rng):
+        del params  # the signature matches `advance`; graphs need only the geometry
+        b = problem.atom_mask.shape[0]
+        graphs = build_graphs(variables, problem)
+        healthy = jnp.ones(b, dtype=bool)
+        return LoopState(
+            jnp.zeros((), jnp.int32),
+            variables,
+            tx.init(variables),
+            problem,
+            graphs,
+            healthy,
+            graph_overflow(graphs, b),
+            _raw_key(rng),
+        )
 
-    return run
+    @functools.partial(jax.jit, static_argnums=2)
+    def advance(params, state, num_steps):
+        return jax.lax.scan(functools.partial(step, params), state, length=num_steps)
+
+    def run(params, variables, problem, rng):
+        return advance(params, init(params, variables, problem, rng), config.num_steps)
+
+    return Loop(init, advance, run)
 
 
 def make_predict(models: dict):
@@ -266,6 +324,13 @@ def tolerance_of(species, patterns, problem: pz.Problem):
         return jnp.sum(jnp.where(on, radius, 0.0), axis=1) / jnp.maximum(jnp.sum(on, axis=1), 1)
 
     return chemistry.tolerance_factor(mean_over(0), mean_over(1), mean_over(2))
+
+
+def _raw_key(rng):
+    """A raw uint32 key from a typed or raw PRNG key (raw keys checkpoint as plain arrays)."""
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(rng)
+    return rng
 
 
 def _bcast(flag, x):
