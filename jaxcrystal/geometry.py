@@ -1,0 +1,241 @@
+"""Periodic neighbour search: image boxes, k-nearest neighbours within a cutoff, differentiable bond lengths.
+
+Conventions: `lattice` rows are the lattice vectors in Å, `frac` are fractional coordinates (any real values,
+not necessarily wrapped into [0, 1)). A neighbour of atom i is a pair (j, n) with n an integer lattice
+translation; its Cartesian position is `(frac[j] + n) @ lattice` and the bond vector is
+`(frac[j] + n - frac[i]) @ lattice`. The atom itself (j = i, n = 0) is never its own neighbour; every other
+periodic image of it is a candidate.
+
+Image enumeration (exact, static shape). For a pair (i, j) let e = frac[j] - frac[i] and s = -floor(e), so
+that e + s lies in [0, 1)^3. Candidate images are n = s + t with t in the static *image box*
+`t_k in [-m_k, m_k - 1]`, (2 m_k)^3 translations. A bond shorter than r has fractional components
+|f_k| <= r / h_k, where h_k is the cell height along axis k (the distance between the lattice planes spanned
+by the other two vectors), so the box finds every neighbour within r exactly when `m_k > r / h_k` for
+k = 1, 2, 3. The box is a static (compile-time) choice: `required_image_box` gives the smallest sufficient box
+for given cells on the host, and the in-`jit` search raises its `overflow` flag for a crystal whose current
+cell needs a bigger box (its neighbour list may then miss neighbours). This keeps shapes static while lattices
+change inside an optimization; the optimizer can rebuild with a bigger box when the flag appears.
+
+Selection rule (`nearest_neighbors`): all candidates within `cutoff`, sorted by distance; ties are broken by
+the candidate order (neighbour index j, then translation t in lexicographic order), and the first `capacity`
+are kept. Slots beyond the number of candidates are invalid. CGCNN uses capacity 12; a builder with a
+different tie rule (ALIGNN keeps every neighbour as close as the 12th) can ask for a larger capacity and use the
+sorted `distance` field.
+
+Memory: the search materializes N x N x T candidate distances per crystal (T = (2m)^3 translations); crystals
+are processed one after another (`lax.map`) and, within a crystal, rows of `atom_chunk` atoms at a time, so the
+peak is about `atom_chunk * N * T` floats whatever the batch size.
+"""
+
+import itertools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcrystal.errors import StructureError
+
+
+class NeighborList(NamedTuple):
+    """Neighbour topology of a batch, a pytree (all leaves batched on the leading axes `[...]`).
+
+    Attributes:
+      index: [..., N, K] int32 neighbour atom index j; in invalid slots the crystal's first real atom.
+      image: [..., N, K, 3] int32 integer translation n: the neighbour sits at `(frac[j] + n) @ lattice`;
+        zero in invalid slots.
+      valid: [..., N, K] bool, True for a real neighbour within the cutoff (False for unused slots and for
+        every slot of a padding atom).
+      distance: [..., N, K] distance in Å at build time (sorted ascending per atom; `cutoff + 1` in invalid
+        slots). Not differentiable: recompute bond lengths with `bond_distances` from the frozen topology.
+      overflow: [...] bool, True when the static image box is too small for the crystal's cell (neighbours
+        within the cutoff may be missing).
+    """
+
+    index: jnp.ndarray
+    image: jnp.ndarray
+    valid: jnp.ndarray
+    distance: jnp.ndarray
+    overflow: jnp.ndarray
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cells and image boxes
+
+
+def cell_heights(lattice):
+    """Heights of the cell [..., 3] in Å: h_k = volume / |a_i x a_j| (distance between lattice planes).
+
+    Args:
+      lattice: [..., 3, 3] rows, Å (numpy or JAX).
+    """
+    xp = jnp if isinstance(lattice, jax.Array) else np
+    a, b, c = lattice[..., 0, :], lattice[..., 1, :], lattice[..., 2, :]
+    cross = xp.stack([xp.cross(b, c), xp.cross(c, a), xp.cross(a, b)], axis=-2)
+    volume = xp.abs(xp.sum(a * cross[..., 0, :], axis=-1))
+    return volume[..., None] / xp.linalg.norm(cross, axis=-1)
+
+
+def required_image_box(lattice, cutoff: float) -> tuple[int, int, int]:
+    """Smallest image box (m_1, m_2, m_3) that finds every neighbour within `cutoff` for all given cells.
+
+    m_k = floor(cutoff / h_k) + 1, maximized over the batch (host function, float64).
+
+    Args:
+      lattice: [3, 3] or [B, 3, 3] rows, Å.
+      cutoff: Å.
+    """
+    lattice = np.asarray(lattice, dtype=np.float64).reshape(-1, 3, 3)
+    heights = cell_heights(lattice)
+    if not np.all(np.isfinite(heights)) or np.any(heights <= 0):
+        raise StructureError("degenerate lattice: a cell has zero or non-finite volume")
+    box = np.floor(cutoff / heights).astype(np.int64) + 1
+    return tuple(int(m) for m in box.max(axis=0))
+
+
+def normalize_box(box) -> tuple[int, int, int]:
+    """An image box from an int (same on every axis) or a triple; each m_k >= 1."""
+    box = (box,) * 3 if np.ndim(box) == 0 else tuple(box)
+    if len(box) != 3 or any(int(m) != m or m < 1 for m in box):
+        raise StructureError(f"image box must be a positive int or three positive ints, got {box!r}")
+    return tuple(int(m) for m in box)
+
+
+def box_translations(box) -> np.ndarray:
+    """[T, 3] int32 translations t with t_k in [-m_k, m_k - 1], lexicographic order; T = 8 m_1 m_2 m_3."""
+    ranges = [range(-m, m) for m in normalize_box(box)]
+    return np.array(list(itertools.product(*ranges)), dtype=np.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host search (float64 numpy)
+
+
+def nearest_neighbors_np(lattice, frac, *, cutoff: float = 8.0, capacity: int = 12) -> NeighborList:
+    """Reference host search for one crystal in float64 (no padding, image box chosen from the cell).
+
+    Same selection rule as `nearest_neighbors`; invalid slots get index 0, image 0, distance cutoff + 1.
+
+    Args:
+      lattice: [3, 3] rows, Å.
+      frac: [N, 3] fractional coordinates.
+    Returns:
+      `NeighborList` with index [N, K], image [N, K, 3], valid [N, K], distance [N, K] and overflow False.
+    """
+    lattice = np.asarray(lattice, dtype=np.float64)
+    frac = np.asarray(frac, dtype=np.float64)
+    n_atoms = frac.shape[0]
+    trans = box_translations(required_image_box(lattice, cutoff)).astype(np.float64)
+    diff = frac[None, :, :] - frac[:, None, :]  # [N, N, 3] (i, j)
+    shift = -np.floor(diff)
+    cand = diff[:, :, None, :] + shift[:, :, None, :] + trans[None, None]  # [N, N, T, 3]
+    dist = np.sqrt(np.sum((cand @ lattice) ** 2, axis=-1))
+    image = shift[:, :, None, :] + trans[None, None]
+    is_self = (np.arange(n_atoms)[:, None, None] == np.arange(n_atoms)[None, :, None]) & np.all(image == 0, -1)
+    dist = np.where(is_self | (dist > cutoff), np.inf, dist).reshape(n_atoms, -1)
+    order = np.argsort(dist, axis=1, kind="stable")[:, :capacity]
+    if order.shape[1] < capacity:  # fewer candidates than slots in the whole box (tiny N, huge cutoff)
+        order = np.pad(order, ((0, 0), (0, capacity - order.shape[1])), constant_values=0)
+    dist_k = np.take_along_axis(dist, order, axis=1)
+    valid = np.isfinite(dist_k)
+    n_trans = trans.shape[0]
+    index = np.where(valid, order // n_trans, 0).astype(np.int32)
+    image = image.reshape(n_atoms, -1, 3)[np.arange(n_atoms)[:, None], order]
+    image = np.where(valid[..., None], image, 0).astype(np.int32)
+    return NeighborList(index, image, valid, np.where(valid, dist_k, cutoff + 1.0), np.bool_(False))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# In-jit search (static shapes)
+
+
+def _crystal_neighbors(lattice, frac, mask, translations, cutoff, capacity, atom_chunk):
+    """One crystal: lattice [3, 3], frac [N, 3], mask [N] -> NeighborList with [N, K] leaves."""
+    n_atoms = frac.shape[0]
+    n_trans = translations.shape[0]
+    trans = jnp.asarray(translations, dtype=frac.dtype)
+    cutoff2 = jnp.asarray(cutoff, frac.dtype) ** 2
+    first_real = jnp.argmax(mask).astype(jnp.int32)
+
+    def row(i):
+        diff = frac - frac[i]  # [N, 3] over j
+        shift = -jnp.floor(diff)
+        cand = (diff + shift)[:, None, :] + trans[None]  # [N, T, 3]
+        d2 = jnp.sum((cand @ lattice) ** 2, axis=-1)
+        image = shift[:, None, :] + trans[None]
+        is_self = (jnp.arange(n_atoms) == i)[:, None] & jnp.all(image == 0, axis=-1)
+        ok = mask[:, None] & ~is_self & (d2 <= cutoff2) & mask[i]
+        d2 = jnp.where(ok, d2, jnp.inf).reshape(-1)
+        if d2.shape[0] < capacity:  # fewer candidates than slots in the whole box (tiny N and box)
+            d2 = jnp.pad(d2, (0, capacity - d2.shape[0]), constant_values=jnp.inf)
+        neg, order = jax.lax.top_k(-d2, capacity)  # ties: the lower candidate index first
+        valid = jnp.isfinite(neg)
+        index = jnp.where(valid, order // n_trans, first_real).astype(jnp.int32)
+        img = jnp.where(valid[:, None], image.reshape(-1, 3)[order % (n_atoms * n_trans)], 0).astype(jnp.int32)
+        dist = jnp.where(valid, jnp.sqrt(jnp.where(valid, -neg, 1.0)), cutoff + 1.0)
+        return index, img, valid, dist
+
+    index, image, valid, dist = jax.lax.map(row, jnp.arange(n_atoms), batch_size=min(atom_chunk, n_atoms))
+    box = jnp.asarray(-translations.min(axis=0), dtype=lattice.dtype)  # m_k
+    overflow = jnp.any(box * cell_heights(lattice) <= cutoff)
+    return NeighborList(index, image, valid, dist, overflow)
+
+
+def nearest_neighbors(
+    lattice, frac, mask, *, cutoff: float = 8.0, capacity: int = 12, box=3, atom_chunk: int = 32
+) -> NeighborList:
+    """k-nearest periodic neighbours within `cutoff` with a static image box; jittable, batched.
+
+    Padding atoms (mask False) are never neighbours and get only invalid slots. Not differentiable (integer
+    topology); distances are in the dtype of `frac`.
+
+    Args:
+      lattice: [B, 3, 3] rows, Å.
+      frac: [B, N, 3] fractional coordinates (need not be wrapped).
+      mask: [B, N] bool, True for real atoms.
+      cutoff: Å.
+      capacity: K, neighbour slots per atom.
+      box: static image box, int or (m_1, m_2, m_3); see the module docstring and `required_image_box`.
+      atom_chunk: atoms searched at once per crystal (bounds memory at ~atom_chunk * N * 8 m^3 floats).
+    Returns:
+      `NeighborList` with index [B, N, K], image [B, N, K, 3], valid [B, N, K], distance [B, N, K],
+      overflow [B].
+    """
+    translations = box_translations(box)
+    lattice = jnp.asarray(lattice)
+    frac = jnp.asarray(frac, dtype=lattice.dtype)
+    mask = jnp.asarray(mask, dtype=bool)
+
+    def crystal(args):
+        return _crystal_neighbors(*args, translations, cutoff, capacity, atom_chunk)
+
+    return jax.lax.map(crystal, (lattice, frac, mask))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Differentiable bond lengths from a frozen topology
+
+
+def bond_vectors(lattice, frac, neighbors: NeighborList):
+    """Bond vectors [B, N, K, 3] in Å: `(frac[j] + n - frac[i]) @ lattice`; differentiable in lattice, frac.
+
+    Args:
+      lattice: [B, 3, 3] rows, Å.
+      frac: [B, N, 3] fractional.
+      neighbors: topology with index [B, N, K] and image [B, N, K, 3].
+    """
+    frac_j = jax.vmap(lambda f, idx: f[idx])(frac, neighbors.index)  # [B, N, K, 3]
+    delta = frac_j + neighbors.image.astype(frac.dtype) - frac[:, :, None, :]
+    return jnp.einsum("bnkx,bxy->bnky", delta, lattice)
+
+
+def bond_distances(lattice, frac, neighbors: NeighborList, fill: float):
+    """Bond lengths [B, N, K] in Å from a frozen topology; `fill` (a constant) in invalid slots.
+
+    The square root is only taken on valid slots, so invalid (possibly zero-length) slots give zero
+    gradients, not NaN.
+    """
+    vec = bond_vectors(lattice, frac, neighbors)
+    d2 = jnp.sum(vec**2, axis=-1)
+    safe = jnp.where(neighbors.valid, d2, 1.0)
+    return jnp.where(neighbors.valid, jnp.sqrt(safe), jnp.asarray(fill, d2.dtype))

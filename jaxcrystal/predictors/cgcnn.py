@@ -1,0 +1,155 @@
+"""CGCNN predictors: `load(source, config=None, **options) -> Predictor`.
+
+`source` is one of
+  * the name of an embedded Materials Project model: "band-gap", "formation-energy-per-atom", "bulk-moduli",
+    "shear-moduli", "efermi", "final-energy-per-atom", "poisson-ratio", "semi-metal-classification"
+    (converted files `weights/cgcnn-<name>.npz`, no network access needed);
+  * a path to converted weights (`.npz` written by `converters.cgcnn`);
+  * a path to an upstream CGCNN checkpoint (`.pth.tar`), converted in memory (torch is not needed).
+
+Options:
+  image_box: static image box of the in-`jit` neighbour search (int or three ints, default 3), see
+    `jaxcrystal.geometry`: it covers every cell whose heights exceed 8 Å / m (2.67 Å for m = 3) and costs
+    (2m)^3 translations per atom pair; `jaxcrystal.geometry.required_image_box(lattices, 8.0)` gives the
+    smallest box for given cells (a 3x3x3 perovskite supercell needs only 1). A crystal whose cell needs a
+    bigger box gets `graph.overflow = True`.
+  atom_chunk: atoms searched at once per crystal in the neighbour search (memory knob, default 32).
+
+The graph (`build_graph`) is the upstream featurization: the 12 nearest neighbours within 8 Å (all periodic
+images, ties broken by neighbour index then translation), unused slots filled with the first atom and a
+distance of 9 Å. The semi-metal classifier outputs the probability of class 1 ("metal") of its two-class
+LogSoftmax head.
+"""
+
+import functools
+import importlib.resources
+import io
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcrystal import geometry
+from jaxcrystal.errors import CheckpointError, ConfigError
+from jaxcrystal.models.cgcnn import CGCNN, FILL_DISTANCE, MAX_NEIGHBORS, RADIUS
+from jaxcrystal.predictors.base import Predictor
+
+FORMAT = "jaxcrystal-cgcnn-v1"
+EMBEDDED = (
+    "band-gap",
+    "bulk-moduli",
+    "efermi",
+    "final-energy-per-atom",
+    "formation-energy-per-atom",
+    "poisson-ratio",
+    "semi-metal-classification",
+    "shear-moduli",
+)
+_OPTIONS = ("image_box", "atom_chunk")
+
+
+def weights_dir() -> Path:
+    """The folder of the embedded weights: the installed `jaxcrystal_weights` package, else the repository's
+    `weights/` (editable installs and source checkouts)."""
+    try:
+        installed = Path(str(importlib.resources.files("jaxcrystal_weights")))
+        if (installed / "MANIFEST").exists():
+            return installed
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parents[2] / "weights"
+
+
+def read_weights(path, name: str | None = None) -> tuple[dict, dict]:
+    """Reads converted weights (a path or a binary file object; `name` for messages).
+
+    Returns (variables as nested dicts of numpy arrays, metadata dict).
+    """
+    name = name or str(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{name}: cannot read converted CGCNN weights ({exc})") from exc
+    if "__metadata__" not in arrays:
+        raise CheckpointError(f"{name}: no '__metadata__' entry; not a jaxcrystal weights file")
+    metadata = json.loads(str(arrays.pop("__metadata__")))
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{name}: format {metadata.get('format')!r} is not {FORMAT!r} (not CGCNN weights?)"
+        )
+    variables: dict = {}
+    for key, value in arrays.items():
+        *parents, leaf = key.split("/")
+        node = variables
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return variables, metadata
+
+
+def _resolve(source) -> tuple[dict, dict]:
+    if isinstance(source, str) and source in EMBEDDED:
+        path = weights_dir() / f"cgcnn-{source}.npz"
+        if not path.exists():
+            raise CheckpointError(f"embedded CGCNN weights {path} are missing (broken installation?)")
+        return read_weights(path)
+    path = Path(source)
+    if not path.exists():
+        raise CheckpointError(
+            f"{source!r} is neither an embedded CGCNN model ({', '.join(EMBEDDED)}) nor an existing file"
+        )
+    if path.name.endswith(".npz"):
+        return read_weights(path)
+    from converters.cgcnn import converted_bytes  # upstream checkpoints only: the torch-free reader
+
+    blob, _ = converted_bytes(path.read_bytes(), path.name)
+    return read_weights(io.BytesIO(blob), name=str(path))
+
+
+def build_graph(lattice, frac, mask, *, image_box=3, atom_chunk=32) -> geometry.NeighborList:
+    """CGCNN topology: 12 nearest neighbours within 8 Å; [B, ...] leaves (see `geometry.NeighborList`)."""
+    lattice, frac = jax.lax.stop_gradient(lattice), jax.lax.stop_gradient(frac)
+    return geometry.nearest_neighbors(
+        lattice, frac, mask, cutoff=RADIUS, capacity=MAX_NEIGHBORS, box=image_box, atom_chunk=atom_chunk
+    )
+
+
+def _apply_with_graph(module, params, graph, lattice, frac, species, mask):
+    lattice, frac, species = jnp.asarray(lattice), jnp.asarray(frac), jnp.asarray(species)
+    mask = jnp.asarray(mask, dtype=bool)
+    distances = geometry.bond_distances(lattice, frac, graph, fill=FILL_DISTANCE)
+    out = module.apply(params, species, distances, graph.index, mask)
+    return jnp.exp(out[:, 1]) if module.classification else out
+
+
+def _apply(build, apply_with_graph, params, lattice, frac, species, mask):
+    return apply_with_graph(params, build(lattice, frac, mask), lattice, frac, species, mask)
+
+
+def load(source, config=None, **options) -> Predictor:
+    """Loads a CGCNN predictor (see the module docstring for `source` and `options`)."""
+    if config is not None:
+        raise ConfigError("CGCNN takes no config file (its hyper-parameters are read from the checkpoint)")
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown CGCNN option(s) {unknown}; expected {', '.join(_OPTIONS)}")
+    box = geometry.normalize_box(options.get("image_box", 3))
+    chunk = int(options.get("atom_chunk", 32))
+    variables, metadata = _resolve(source)
+    module = CGCNN(**metadata["hyperparameters"], classification=metadata["task"] == "classification")
+    params = jax.tree.map(jnp.asarray, variables)
+    build = functools.partial(build_graph, image_box=box, atom_chunk=chunk)
+    apply_with_graph = functools.partial(_apply_with_graph, module)
+    return Predictor(
+        kind="cgcnn",
+        name=metadata["name"],
+        units=metadata["units"],
+        params=params,
+        apply=functools.partial(_apply, build, apply_with_graph),
+        build_graph=build,
+        apply_with_graph=apply_with_graph,
+        metadata={**metadata, "image_box": box, "atom_chunk": chunk, "module": module},
+    )
