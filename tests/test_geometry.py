@@ -1,0 +1,154 @@
+"""Periodic neighbour search: against CGCNN's reference graphs and pymatgen, host vs jit, images, padding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import FIXTURES
+from pymatgen.core import Lattice, Structure
+
+from jaxcrystal import geometry
+
+CASES = np.load(FIXTURES / "cgcnn" / "cases_small.npz")
+NAMES = [str(n) for n in CASES["case_names"]]
+
+
+@pytest.fixture
+def x64():
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", previous)
+
+
+def case(name):
+    return CASES[f"{name}__lattice"], CASES[f"{name}__frac"]
+
+
+def reference(name):
+    get = lambda key: CASES[f"{name}__{key}"]  # noqa: E731
+    return geometry.NeighborList(get("nbr_idx"), get("nbr_image"), get("nbr_mask"), get("nbr_dist"), False)
+
+
+def neighbour_set(nl, i, below=np.inf):
+    """{(j, image)} of atom i's valid neighbours closer than `below` Å."""
+    index, image, valid, dist = (np.asarray(x)[i] for x in nl[:4])
+    return {
+        (int(j), tuple(map(int, n))) for j, n, v, d in zip(index, image, valid, dist, strict=True) if v and d < below
+    }
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_host_search_reproduces_cgcnn_reference_graph(name):
+    lattice, frac = case(name)
+    ours, ref = geometry.nearest_neighbors_np(lattice, frac), reference(name)
+    np.testing.assert_array_equal(ours.valid, ref.valid)
+    np.testing.assert_allclose(ours.distance, ref.distance, rtol=0, atol=1e-10)  # 9.0 in unused slots too
+    for i in range(len(frac)):
+        last = ref.distance[i][ref.valid[i]].max()
+        # identical neighbours, except for the choice among a shell tied at the 12th slot
+        assert neighbour_set(ours, i, last - 1e-6) == neighbour_set(ref, i, last - 1e-6)
+    # every chosen (index, image) really sits at the stated distance
+    positions = (frac[ours.index] + ours.image) @ lattice
+    lengths = np.linalg.norm(positions - (frac @ lattice)[:, None], axis=-1)
+    np.testing.assert_allclose(lengths[ours.valid], ours.distance[ours.valid], rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(ours.index[~ours.valid], 0)
+
+
+def test_unused_slots_follow_cgcnn_convention():
+    lattice, frac = case("n2_dimer_box10")
+    ours = geometry.nearest_neighbors_np(lattice, frac)
+    assert ours.valid.sum(axis=1).tolist() == [1, 1]
+    assert np.all(ours.distance[:, 1:] == 9.0) and np.all(ours.index[:, 1:] == 0) and np.all(ours.image[:, 1:] == 0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jit_search_matches_host_search_in_float64(name, x64):
+    lattice, frac = case(name)
+    host = geometry.nearest_neighbors_np(lattice, frac)
+    box = geometry.required_image_box(lattice, 8.0)
+    search = jax.jit(lambda lat, fr, m: geometry.nearest_neighbors(lat, fr, m, box=box, atom_chunk=4))
+    ours = search(lattice[None], frac[None], np.ones((1, len(frac)), bool))
+    ours = geometry.NeighborList(*(np.asarray(x)[0] for x in ours))
+    assert not ours.overflow
+    np.testing.assert_allclose(ours.distance, host.distance, rtol=0, atol=1e-12)
+    for i in range(len(frac)):
+        last = host.distance[i][host.valid[i]].max()
+        assert neighbour_set(ours, i, last - 1e-6) == neighbour_set(host, i, last - 1e-6)
+
+
+def _random_cell(rng):
+    lengths = rng.uniform(2.5, 7.0, 3)
+    angles = rng.uniform(65, 115, 3)
+    structure = Structure(Lattice.from_parameters(*lengths, *angles), ["Si"] * 4, rng.uniform(-1.5, 2.5, (4, 3)))
+    return structure
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_distances_agree_with_pymatgen_on_skewed_cells(seed):
+    """Independent check: the 12 shortest distances within 8 Å from pymatgen's neighbour search."""
+    structure = _random_cell(np.random.default_rng(seed))
+    ours = geometry.nearest_neighbors_np(structure.lattice.matrix, structure.frac_coords)
+    for i, neighbors in enumerate(structure.get_all_neighbors(8.0)):
+        expected = sorted(n.nn_distance for n in neighbors)[:12]
+        np.testing.assert_allclose(ours.distance[i][: len(expected)], expected, rtol=0, atol=1e-9)
+
+
+def test_image_box_sufficiency_and_overflow_flag():
+    lattice, frac = case("srtio3_cubic5")  # a = 3.905 Å: 8 / 3.905 = 2.05 -> m = 3
+    assert geometry.required_image_box(lattice, 8.0) == (3, 3, 3)
+    np.testing.assert_allclose(geometry.cell_heights(lattice), 3.905, rtol=1e-12)
+    mask = np.ones((1, len(frac)), bool)
+    small = geometry.nearest_neighbors(lattice[None], frac[None], mask, box=2)
+    exact = geometry.nearest_neighbors(lattice[None], frac[None], mask, box=3)
+    large = geometry.nearest_neighbors(lattice[None], frac[None], mask, box=(4, 5, 3))
+    assert bool(small.overflow[0]) and not bool(exact.overflow[0]) and not bool(large.overflow[0])
+    np.testing.assert_array_equal(np.asarray(exact.distance), np.asarray(large.distance))
+    assert geometry.required_image_box(case("srtio3_333_noisy135")[0], 8.0) == (1, 1, 1)
+
+
+def test_unwrapped_coordinates_give_exact_images(x64):
+    lattice, frac = case("triclinic6")
+    shift = np.zeros_like(frac)
+    shift[2] = [3, -2, 1]  # move atom 2 by a lattice vector: same crystal
+    mask = np.ones((1, len(frac)), bool)
+    a = geometry.nearest_neighbors(lattice[None], frac[None], mask, box=2)
+    b = geometry.nearest_neighbors(lattice[None], (frac + shift)[None], mask, box=2)
+    np.testing.assert_allclose(np.asarray(b.distance), np.asarray(a.distance), rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(np.asarray(b.index), np.asarray(a.index))
+    # images compensate the shift: neighbour j = 2 gets n - shift, centre i = 2 gets n + shift
+    expected = np.asarray(a.image[0]) - shift[np.asarray(a.index[0])] + shift[:, None, :]
+    valid = np.asarray(a.valid[0])
+    np.testing.assert_array_equal(np.asarray(b.image[0])[valid], expected[valid])
+
+
+def test_padding_atoms_do_not_change_real_atoms_and_chunking_is_exact(x64):
+    lattice, frac = case("vse2_jvasp10")
+    garbage = np.array([[0.1, 0.1, 0.1], [0.0, 0.0, 0.0], [7.0, -3.0, 0.5]])
+    padded = np.concatenate([frac, garbage])[None]
+    mask = np.array([[True] * 3 + [False] * 3])
+    ours = geometry.nearest_neighbors(lattice[None], padded, mask, box=3, atom_chunk=2)
+    plain = geometry.nearest_neighbors(lattice[None], frac[None], mask[:, :3], box=3, atom_chunk=32)
+    for a, b in zip(ours[:4], plain[:4], strict=True):
+        np.testing.assert_array_equal(np.asarray(a)[0, :3], np.asarray(b)[0])
+    assert not np.asarray(ours.valid)[0, 3:].any()
+    assert np.all(np.asarray(ours.index)[0, 3:] == 0)  # the first real atom
+
+
+def test_bond_distances_gradient_is_finite_with_zero_length_unused_slots(x64):
+    """N2 in a box: atom 0's unused slots point at atom 0 itself with image 0 (zero vector)."""
+    lattice, frac = case("n2_dimer_box10")
+    graph = jax.tree.map(lambda x: jnp.asarray(x)[None], geometry.nearest_neighbors_np(lattice, frac))
+
+    def total(lat, fr):
+        return jnp.sum(geometry.bond_distances(lat, fr, graph, fill=9.0) ** 2)
+
+    g_lat, g_frac = jax.grad(total, argnums=(0, 1))(jnp.asarray(lattice)[None], jnp.asarray(frac)[None])
+    assert np.all(np.isfinite(g_lat)) and np.all(np.isfinite(g_frac))
+    eps = 1e-6
+    bumped = frac.copy()
+    bumped[1, 2] += eps
+    lower = frac.copy()
+    lower[1, 2] -= eps
+    fd = (total(lattice[None], bumped[None]) - total(lattice[None], lower[None])) / (2 * eps)
+    np.testing.assert_allclose(g_frac[0, 1, 2], fd, rtol=1e-7)
