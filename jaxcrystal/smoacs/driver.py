@@ -22,6 +22,7 @@ from jaxcrystal.crystal import CrystalBatch, concatenate
 from jaxcrystal.elements import SYMBOLS
 from jaxcrystal.errors import ConfigError
 from jaxcrystal.evaluate import Candidates, Criteria, evaluate, summarize
+from jaxcrystal.geometry import required_image_box
 from jaxcrystal.predictors import load_predictor
 from jaxcrystal.results import ResultWriter
 from jaxcrystal.smoacs import parametrization as pz
@@ -29,6 +30,8 @@ from jaxcrystal.smoacs.loop import LoopConfig, PropertyModel, make_loop, make_pr
 from jaxcrystal.smoacs.mutation import CopyMutation
 from jaxcrystal.smoacs.problem import build_problem
 from jaxcrystal.smoacs.schedules import sine_rebuild_steps
+
+NEIGHBOR_CUTOFF = 8.0  # Å, CGCNN's neighbour radius
 
 # Embedded CGCNN models: property -> (weights name, transform of the raw output)
 EMBEDDED = {
@@ -65,6 +68,7 @@ class RunConfig:
     radius_convention: str = "shannon"
     max_patterns: int = 10
     graph_refresh: str = "every"
+    segment_steps: int = 25
 
     def resolved(self) -> "RunConfig":
         """Fills task defaults and checks that the options fit together (`ConfigError` otherwise)."""
@@ -73,8 +77,8 @@ class RunConfig:
         if self.task not in presets.TASKS:
             raise ConfigError(f"task must be one of {presets.TASKS}, got {self.task!r}")
         task = presets.TASK_SPECS[self.task]
-        if self.num_candidates < 1 or self.batch_size < 1 or self.steps < 1:
-            raise ConfigError("num_candidates, batch_size and steps must all be >= 1")
+        if min(self.num_candidates, self.batch_size, self.steps, self.segment_steps) < 1:
+            raise ConfigError("num_candidates, batch_size, steps and segment_steps must all be >= 1")
         if self.templates is not None and self.structure != "none":
             raise ConfigError(
                 f"templates={self.templates!r} gives general templates; it contradicts structure="
@@ -125,8 +129,11 @@ class OptimizationResult:
     out: Path | None
 
 
-def load_property_models(config: RunConfig) -> dict:
-    """Property name -> `PropertyModel` for the task's main and second properties."""
+def load_property_models(config: RunConfig, image_box=None) -> dict:
+    """Property name -> `PropertyModel` for the task's main and second properties.
+
+    image_box: static periodic-image box of the in-graph neighbour search of CGCNN predictors (None: default).
+    """
     task = presets.TASK_SPECS[config.task]
     needed = [task.main, task.second]
     unknown = set(config.weights) - set(presets.PROPERTIES)
@@ -139,11 +146,13 @@ def load_property_models(config: RunConfig) -> dict:
             source = config.weights[prop]
             kind, _, path = source.partition(":") if source.split(":", 1)[0] in presets.MODELS else ("", "", "")
             kind, path = (kind, path) if kind else (config.model, source)
-            predictor = load_predictor(kind, path, config=config.model_config)
+            options = {"image_box": image_box} if kind == "cgcnn" and image_box else {}
+            predictor = load_predictor(kind, path, config=config.model_config, **options)
             models[prop] = PropertyModel(prop, predictor, None, units)
         elif config.model == "cgcnn" and prop in EMBEDDED:
             name, transform = EMBEDDED[prop]
-            models[prop] = PropertyModel(prop, load_predictor("cgcnn", name), transform, units)
+            options = {"image_box": image_box} if image_box else {}
+            models[prop] = PropertyModel(prop, load_predictor("cgcnn", name, **options), transform, units)
         elif prop == task.second and config.second_coef == 0 and config.second_max is None:
             continue  # not optimized and not judged
         else:
@@ -249,14 +258,9 @@ def optimize(
       `OptimizationResult`.
     """
     config = RunConfig(task=task, **options).resolved()
-    models = load_property_models(config)
     pool = _templates(config)
-    loop, row_name = _loop_config(config, models, pool)
-    criteria = criteria_for(config, loop)
-    params = {name: m.predictor.params for name, m in models.items()}
-    compiled = make_loop(models, loop)
-    predict = make_predict(models)
-    record = dataclasses.asdict(config) | {"hyper_parameters": row_name}
+    engine = _Engine(config, pool)
+    record = dataclasses.asdict(config) | {"hyper_parameters": engine.row_name}
     writer = ResultWriter(out, record, overwrite=overwrite) if out is not None else None
     frames, batches, histories = [], [], []
     num_batches = -(-config.num_candidates // config.batch_size)
@@ -265,53 +269,108 @@ def optimize(
     for index in range(num_batches):
         lo = index * config.batch_size
         part = pool.take(range(lo, min(lo + config.batch_size, len(pool))))
-        problem, lengths, angles = build_problem(
-            part, config.max_patterns, config.radius_convention, template_offset=lo
-        )
+        problem, lengths, angles = build_problem(part, config.max_patterns, config.radius_convention, lo)
         problem = jax.tree.map(jnp.asarray, problem)
         variables = pz.initial_variables(lengths, angles, problem)
-        t0 = time.perf_counter()
-        state, history = compiled.run(params, variables, problem, jax.random.fold_in(key, index))
-        variables, problem, healthy = state.variables, state.problem, state.healthy
-        history = jax.tree.map(np.asarray, history)
-        t1 = time.perf_counter()
-        candidates, onehot_batch = _discretize(
-            index, lo, pool, variables, problem, healthy, history, loop, params, predict
-        )
-        frame = evaluate(candidates, criteria)
+        label = f"batch {index + 1}/{num_batches}"
+        state, history = engine.run_batch(variables, problem, jax.random.fold_in(key, index), label, progress)
+        candidates, onehot_batch = _discretize(index, lo, pool, state, history, engine)
+        frame = evaluate(candidates, engine.criteria)
         if writer is not None:
             writer.write_batch(index, candidates, frame, history)
         frames.append(frame)
         batches.append(onehot_batch)
         histories.append(history)
         if progress:
-            done = lo + len(part)
-            print(
-                f"[jaxcrystal] batch {index + 1}/{num_batches}: {len(part)} candidates, {config.steps} steps in "
-                f"{t1 - t0:.1f} s, {int(frame['success'].fillna(False).sum())} successes; "
-                f"{done}/{config.num_candidates} done, {time.perf_counter() - start:.0f} s elapsed",
-                file=sys.stderr,
-                flush=True,
+            successes = int(frame["success"].fillna(False).sum())
+            _say(
+                f"{label} done: {successes}/{len(part)} successes; {lo + len(part)}/{config.num_candidates} "
+                f"candidates, {time.perf_counter() - start:.0f} s elapsed"
             )
     table = pd.concat(frames)
     reference = list(pool.structures)
     if writer is not None:
-        summary = writer.finalize(criteria, templates=reference).iloc[0].to_dict()
+        summary = writer.finalize(engine.criteria, templates=reference).iloc[0].to_dict()
     else:
-        summary = summarize(table, criteria, templates=reference)
+        summary = summarize(table, engine.criteria, templates=reference)
     batch = concatenate(batches)
     history = {k: np.concatenate([h[k] for h in histories], axis=1) for k in histories[0]}
     return OptimizationResult(batch, batch.to_structures(), table, summary, history, config, Path(out) if out else None)
 
 
-def _discretize(index, offset, pool, variables, problem, healthy, history, loop, params, predict):
+class _Engine:
+    """The compiled pieces of a run for one static neighbour-search box, rebuilt with a bigger box on overflow."""
+
+    def __init__(self, config: RunConfig, pool: templates.Templates):
+        self.config = config
+        self._build(_initial_box(config, pool), pool)
+
+    def _build(self, box, pool=None):
+        self.box = box
+        self.models = load_property_models(self.config, image_box=box)
+        if pool is not None:
+            self.loop, self.row_name = _loop_config(self.config, self.models, pool)
+            self.criteria = criteria_for(self.config, self.loop)
+        self.params = {name: m.predictor.params for name, m in self.models.items()}
+        self.compiled = make_loop(self.models, self.loop)
+        self.predict = make_predict(self.models)
+
+    def run_batch(self, variables, problem, rng, label, progress):
+        """All steps of a batch in segments of `config.segment_steps` (one compiled scan), with progress lines.
+
+        If a graph predictor's static neighbour-search box turns out too small for a candidate's cell (the
+        in-graph overflow flag), the box is enlarged and the batch is run again from its start: the neighbour
+        search is exact whenever the box suffices, so the result is the one a large-enough box gives.
+        """
+        steps = self.config.steps
+        while True:
+            t0 = time.perf_counter()
+            state = self.compiled.init(self.params, variables, problem, rng)
+            parts = []
+            while int(state.step) < steps:
+                n = min(self.config.segment_steps, steps - int(state.step))
+                state, part = self.compiled.advance(self.params, state, n)
+                parts.append(jax.tree.map(np.asarray, part))
+                if progress:
+                    done = int(state.step)
+                    rate = done / (time.perf_counter() - t0)
+                    _say(f"{label}: step {done}/{steps} ({rate:.1f} steps/s incl. compilation)")
+            overflow = np.asarray(state.overflow)
+            if not overflow.any():
+                return state, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            lattice = np.asarray(pz.decode_lattice(state.variables, state.problem, self.loop.geometry))
+            needed = required_image_box(lattice[overflow], NEIGHBOR_CUTOFF)
+            box = tuple(max(m + 1, n) for m, n in zip(self.box, needed, strict=True))
+            if progress:
+                _say(
+                    f"{label}: {int(overflow.sum())} candidates outgrew the neighbour box {self.box}; rerun with {box}"
+                )
+            self._build(box)
+
+
+def _initial_box(config: RunConfig, pool: templates.Templates):
+    """Neighbour-search box for every cell the run can reach (perovskites), or the templates' cells (general)."""
+    if not any(m.predictor.is_graph_model for m in load_property_models(config).values()):
+        return None
+    if pool.family == "perovskite":  # orthogonal cells, lengths >= the lower bound of the length range
+        low = 2.0 * pool.supercell
+        return required_image_box(np.diag([low, low, low])[None], NEIGHBOR_CUTOFF)
+    return required_image_box(np.array([s.lattice.matrix for s in pool.structures]), NEIGHBOR_CUTOFF)
+
+
+def _say(message: str) -> None:
+    print(f"[jaxcrystal] {message}", file=sys.stderr, flush=True)
+
+
+def _discretize(index, offset, pool, state, history, engine):
     """The τ → 0 candidates of a finished batch, re-predicted, as `Candidates` and a one-hot `CrystalBatch`."""
+    variables, problem, healthy, loop = state.variables, state.problem, state.healthy, engine.loop
     elements, pattern, states = pz.discretize(variables, problem)
     mask = problem.atom_mask
     species = jax.nn.one_hot(elements, 98) * mask[..., None]
     lattice = pz.decode_lattice(variables, problem, loop.geometry)
     frac = pz.decode_frac(variables, problem, loop.geometry)
-    predictions = jax.tree.map(np.asarray, predict(params, (lattice, frac, species, mask)))
+    predictions = jax.tree.map(np.asarray, engine.predict(engine.params, (lattice, frac, species, mask)))
     tolerance = None
     if loop.tolerance is not None:
         chosen = jax.nn.one_hot(pattern, problem.pattern_used.shape[1])[:, None, :]
