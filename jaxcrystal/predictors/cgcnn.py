@@ -77,9 +77,7 @@ def read_weights(path, name: str | None = None) -> tuple[dict, dict]:
         raise CheckpointError(f"{name}: no '__metadata__' entry; not a jaxcrystal weights file")
     metadata = json.loads(str(arrays.pop("__metadata__")))
     if metadata.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{name}: format {metadata.get('format')!r} is not {FORMAT!r} (not CGCNN weights?)"
-        )
+        raise CheckpointError(f"{name}: format {metadata.get('format')!r} is not {FORMAT!r} (not CGCNN weights?)")
     variables: dict = {}
     for key, value in arrays.items():
         *parents, leaf = key.split("/")
@@ -129,6 +127,15 @@ def _apply(build, apply_with_graph, params, lattice, frac, species, mask):
     return apply_with_graph(params, build(lattice, frac, mask), lattice, frac, species, mask)
 
 
+@functools.cache
+def _functions(module: CGCNN, box: tuple[int, int, int], chunk: int):
+    """(build_graph, apply_with_graph, apply) for one architecture and search setting; cached so that models
+    with the same architecture share the same function objects (and hence `jax.jit` compilations)."""
+    build = functools.partial(build_graph, image_box=box, atom_chunk=chunk)
+    apply_with_graph = functools.partial(_apply_with_graph, module)
+    return build, apply_with_graph, functools.partial(_apply, build, apply_with_graph)
+
+
 def load(source, config=None, **options) -> Predictor:
     """Loads a CGCNN predictor (see the module docstring for `source` and `options`)."""
     if config is not None:
@@ -140,15 +147,13 @@ def load(source, config=None, **options) -> Predictor:
     chunk = int(options.get("atom_chunk", 32))
     variables, metadata = _resolve(source)
     module = CGCNN(**metadata["hyperparameters"], classification=metadata["task"] == "classification")
-    params = jax.tree.map(jnp.asarray, variables)
-    build = functools.partial(build_graph, image_box=box, atom_chunk=chunk)
-    apply_with_graph = functools.partial(_apply_with_graph, module)
+    build, apply_with_graph, apply = _functions(module, box, chunk)
     return Predictor(
         kind="cgcnn",
         name=metadata["name"],
         units=metadata["units"],
-        params=params,
-        apply=functools.partial(_apply, build, apply_with_graph),
+        params=jax.tree.map(jnp.asarray, variables),
+        apply=apply,
         build_graph=build,
         apply_with_graph=apply_with_graph,
         metadata={**metadata, "image_box": box, "atom_chunk": chunk, "module": module},
