@@ -390,3 +390,18 @@ def test_converter_round_trip_and_errors_name_the_problem():
 def test_atom_feature_table_matches_reference_and_wheel():
     np.testing.assert_array_equal(cgcnn_atom_features(), CASES["atom_features_98x92"].astype(np.float32))
     np.testing.assert_array_equal(converter.atom_table_from_wheel(_wheel()), cgcnn_atom_features())
+
+
+def test_pyproject_ships_every_package_and_the_weights():
+    """`weights/` ships as `jaxcrystal_weights` through an explicit package list: it must stay complete."""
+    import tomllib
+
+    from setuptools import find_namespace_packages
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = find_namespace_packages(where=str(REPO), include=["jaxcrystal", "jaxcrystal.*", "converters"])
+    found = [p for p in found if any((REPO / p.replace(".", "/")).glob("*.py")) or p == "jaxcrystal.data"]
+    missing = sorted(set(found) - set(config["packages"]))
+    assert not missing, f"add {missing} to [tool.setuptools] packages in pyproject.toml"
+    assert config["package-dir"]["jaxcrystal_weights"] == "weights"
+    assert {"*.npz", "MANIFEST", "LICENSE-*"} <= set(config["package-data"]["jaxcrystal_weights"])
