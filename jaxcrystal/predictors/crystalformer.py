@@ -1,0 +1,161 @@
+"""`load(...)`: a Crystalformer `Predictor` from an upstream `.ckpt` or from converted weights.
+
+    predictor = jaxcrystal.load_predictor("crystalformer", "megnet-bandgap-layer4.ckpt", config="default.json")
+    y = predictor(lattice, frac, species, mask)          # [B], eV for band gap, eV/atom for formation energy
+
+Options:
+  truncation: "adaptive" (default; upstream's CUDA box, with which the released weights were trained) or
+    "fixed" (upstream's pure-PyTorch 5×5×5 box, what SMOACS runs).
+  gradient: "exact" (default) or "smoacs" (upstream's autograd, which drops the RBF-basis derivative).
+  chunk_size: (crystal, atom) query rows per attention block; None = automatic (≈256 MiB basis per block).
+  max_range: static bound (int or 3 ints) of the adaptive box. None: derived on the host from the lattice of each
+    call (exact upstream behaviour), which needs a concrete lattice: under `jit`/`scan`, pass an int/tuple, e.g.
+    `required_range(lattice_bounds, config)` for the smallest cell you will visit; `range_overflow(lattice,
+    max_range, config)` (jittable) flags crystals whose box the bound may cut. The fixed box ignores it.
+"""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from converters.crystalformer import DEFAULT_FILENAME, convert_checkpoint, load_converted
+from jaxcrystal.errors import CheckpointError, ConfigError, StructureError
+from jaxcrystal.models.crystalformer import (
+    GRADIENTS,
+    TRUNCATIONS,
+    Crystalformer,
+    CrystalformerConfig,
+    _normalize_range,
+    range_overflow,
+    required_range,
+)
+from jaxcrystal.predictors.base import Predictor
+
+__all__ = ["load", "range_overflow", "required_range"]
+
+
+def _read_source(source, config):
+    path = Path(source)
+    if path.is_dir():
+        path = path / DEFAULT_FILENAME
+    if not path.is_file():
+        raise CheckpointError(
+            f"{source}: no such Crystalformer checkpoint or converted-weights file (there are no embedded "
+            "Crystalformer weights: give the upstream .ckpt with config=default.json, or converted .npz weights)"
+        )
+    if path.suffix == ".npz":
+        params, metadata = load_converted(path)
+        if config is not None:
+            convert_config = config if isinstance(config, dict) else None
+            if convert_config is None:
+                try:
+                    convert_config = json.loads(Path(config).read_text())
+                except (OSError, json.JSONDecodeError) as err:
+                    raise ConfigError(f"{config}: cannot read the Crystalformer config JSON ({err})") from err
+            given = CrystalformerConfig.from_hparams(convert_config).to_dict()
+            stored = CrystalformerConfig.from_dict(metadata["config"]).to_dict()
+            diff = sorted(key for key in given if given[key] != stored[key])
+            if diff:
+                raise ConfigError(
+                    f"{config}: config disagrees with the converted weights {path} on {diff[0]!r} "
+                    f"({given[diff[0]]!r} vs {stored[diff[0]]!r})"
+                )
+        return params, metadata, path
+    return (*convert_checkpoint(path, config), path)
+
+
+def load(
+    source,
+    config=None,
+    truncation: str = "adaptive",
+    gradient: str = "exact",
+    chunk_size: int | None = None,
+    max_range=None,
+    **options,
+) -> Predictor:
+    """A Crystalformer predictor (see the module docstring for the options).
+
+    Args:
+      source: an upstream Lightning `.ckpt`, converted `.npz` weights, or a directory holding `crystalformer.npz`.
+      config: upstream `default.json` (path or dict); for a `.ckpt` it defines the architecture (default: the
+        checkpoint's `hyper_parameters`), for converted weights it is only checked against them.
+    """
+    if options:
+        raise ConfigError(f"unknown Crystalformer options {sorted(options)}")
+    if truncation not in TRUNCATIONS:
+        raise ConfigError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
+    if gradient not in GRADIENTS:
+        raise ConfigError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ConfigError(f"chunk_size must be a positive number of query rows, got {chunk_size}")
+    static_range = None if max_range is None else _normalize_range(max_range)
+    params, metadata, path = _read_source(source, config)
+    arch = CrystalformerConfig.from_dict(metadata["config"])
+    params = jax.tree.map(jnp.asarray, params)
+    apply = make_apply(arch, truncation, gradient, chunk_size, static_range)
+    return Predictor(
+        kind="crystalformer",
+        name=metadata["name"],
+        units=metadata["units"],
+        params=params,
+        apply=apply,
+        metadata={
+            **metadata,
+            "config": arch,
+            "path": str(path),
+            "truncation": truncation,
+            "gradient": gradient,
+            "chunk_size": chunk_size,
+            "max_range": static_range,
+        },
+    )
+
+
+def make_apply(config: CrystalformerConfig, truncation="adaptive", gradient="exact", chunk_size=None, max_range=None):
+    """The pure function `(params, lattice [B,3,3] Å rows, frac [B,N,3], species [B,N,98], mask [B,N]) -> [B]`.
+
+    The compute dtype is that of the inputs (float64 if any of lattice/frac/species is float64), parameters are
+    cast to it. Padding atoms (mask False) do not affect the real atoms or the output.
+    """
+
+    def run(params, lattice, frac, species, mask, ranges):
+        model = Crystalformer(config, truncation=truncation, gradient=gradient, max_range=ranges, chunk_size=chunk_size)
+        return model.apply({"params": params}, lattice, frac, species, mask)
+
+    jitted = jax.jit(run, static_argnames="ranges")
+
+    def apply(params, lattice, frac, species, mask):
+        lattice, frac, species = (jnp.asarray(a) for a in (lattice, frac, species))
+        mask = jnp.asarray(mask, bool)
+        _check_shapes(lattice, frac, species, mask, config.num_species)
+        dtype = jnp.result_type(lattice, frac, species, jnp.float32)
+        lattice, frac, species = (a.astype(dtype) for a in (lattice, frac, species))
+        params = jax.tree.map(lambda a: a.astype(dtype), params)
+        ranges = None
+        if truncation == "adaptive":
+            ranges = max_range
+            if ranges is None:
+                if isinstance(lattice, jax.core.Tracer):
+                    raise ConfigError(
+                        "Crystalformer truncation='adaptive' under jit/scan needs a static max_range: load(..., "
+                        "max_range=R) with R from jaxcrystal.predictors.crystalformer.required_range(lattice, config)"
+                    )
+                ranges = required_range(lattice, config)
+        return jitted(params, lattice, frac, species, mask, ranges)
+
+    return apply
+
+
+def _check_shapes(lattice, frac, species, mask, num_species):
+    if lattice.ndim != 3 or lattice.shape[1:] != (3, 3):
+        raise StructureError(f"lattice must be [B, 3, 3], got {lattice.shape}")
+    batch = lattice.shape[0]
+    if frac.ndim != 3 or frac.shape[0] != batch or frac.shape[2] != 3:
+        raise StructureError(f"frac must be [B={batch}, N, 3], got {frac.shape}")
+    atoms = frac.shape[1]
+    if species.shape != (batch, atoms, num_species):
+        raise StructureError(f"species must be [B={batch}, N={atoms}, {num_species}], got {species.shape}")
+    if mask.shape != (batch, atoms):
+        raise StructureError(f"mask must be [B={batch}, N={atoms}], got {mask.shape}")
