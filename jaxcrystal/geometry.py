@@ -22,9 +22,9 @@ are kept. Slots beyond the number of candidates are invalid. CGCNN uses capacity
 different tie rule (ALIGNN keeps every neighbour as close as the 12th) can ask for a larger capacity and use the
 sorted `distance` field.
 
-Memory: the search materializes N x N x T candidate distances per crystal (T = (2m)^3 translations); crystals
-are processed one after another (`lax.map`) and, within a crystal, rows of `atom_chunk` atoms at a time, so the
-peak is about `atom_chunk * N * T` floats whatever the batch size.
+Memory: the search evaluates N x N x T candidate distances per crystal (T = (2m)^3 translations) in chunks
+(`lax.map`) of `crystal_chunk` crystals x `atom_chunk` centre atoms, so the peak is about
+`crystal_chunk * atom_chunk * N * T` candidates whatever the batch size.
 """
 
 import itertools
@@ -128,8 +128,8 @@ def nearest_neighbors_np(lattice, frac, *, cutoff: float = 8.0, capacity: int = 
     trans = box_translations(required_image_box(lattice, cutoff)).astype(np.float64)
     diff = frac[None, :, :] - frac[:, None, :]  # [N, N, 3] (i, j)
     shift = -np.floor(diff)
-    cand = diff[:, :, None, :] + shift[:, :, None, :] + trans[None, None]  # [N, N, T, 3]
-    dist = np.sqrt(np.sum((cand @ lattice) ** 2, axis=-1))
+    base, offsets = (diff + shift) @ lattice, trans @ lattice  # Cartesian [N, N, 3] and [T, 3]
+    dist = np.sqrt(sum((base[:, :, None, k] + offsets[None, None, :, k]) ** 2 for k in range(3)))
     image = shift[:, :, None, :] + trans[None, None]
     is_self = (np.arange(n_atoms)[:, None, None] == np.arange(n_atoms)[None, :, None]) & np.all(image == 0, -1)
     dist = np.where(is_self | (dist > cutoff), np.inf, dist).reshape(n_atoms, -1)
@@ -156,12 +156,13 @@ def _crystal_neighbors(lattice, frac, mask, translations, cutoff, capacity, atom
     trans = jnp.asarray(translations, dtype=frac.dtype)
     cutoff2 = jnp.asarray(cutoff, frac.dtype) ** 2
     first_real = jnp.argmax(mask).astype(jnp.int32)
+    offsets = trans @ lattice  # [T, 3] Cartesian translations
 
     def row(i):
         diff = frac - frac[i]  # [N, 3] over j
         shift = -jnp.floor(diff)
-        cand = (diff + shift)[:, None, :] + trans[None]  # [N, T, 3]
-        d2 = jnp.sum((cand @ lattice) ** 2, axis=-1)
+        base = (diff + shift) @ lattice  # [N, 3] Cartesian, then + the translation's Cartesian offset
+        d2 = sum((base[:, None, k] + offsets[None, :, k]) ** 2 for k in range(3))  # [N, T]
         image = shift[:, None, :] + trans[None]
         is_self = (jnp.arange(n_atoms) == i)[:, None] & jnp.all(image == 0, axis=-1)
         ok = mask[:, None] & ~is_self & (d2 <= cutoff2) & mask[i]
@@ -182,7 +183,15 @@ def _crystal_neighbors(lattice, frac, mask, translations, cutoff, capacity, atom
 
 
 def nearest_neighbors(
-    lattice, frac, mask, *, cutoff: float = 8.0, capacity: int = 12, box=3, atom_chunk: int = 32
+    lattice,
+    frac,
+    mask,
+    *,
+    cutoff: float = 8.0,
+    capacity: int = 12,
+    box=3,
+    atom_chunk: int = 32,
+    crystal_chunk: int = 8,
 ) -> NeighborList:
     """k-nearest periodic neighbours within `cutoff` with a static image box; jittable, batched.
 
@@ -196,7 +205,9 @@ def nearest_neighbors(
       cutoff: Å.
       capacity: K, neighbour slots per atom.
       box: static image box, int or (m_1, m_2, m_3); see the module docstring and `required_image_box`.
-      atom_chunk: atoms searched at once per crystal (bounds memory at ~atom_chunk * N * 8 m^3 floats).
+      atom_chunk: atoms searched at once per crystal.
+      crystal_chunk: crystals searched at once; the peak memory is about
+        crystal_chunk * atom_chunk * N * 8 m^3 * 4 values (e.g. 8 * 32 * 135 * 216 * 4 floats = 120 MB in float32).
     Returns:
       `NeighborList` with index [B, N, K], image [B, N, K, 3], valid [B, N, K], distance [B, N, K],
       overflow [B].
@@ -209,7 +220,7 @@ def nearest_neighbors(
     def crystal(args):
         return _crystal_neighbors(*args, translations, cutoff, capacity, atom_chunk)
 
-    return jax.lax.map(crystal, (lattice, frac, mask))
+    return jax.lax.map(crystal, (lattice, frac, mask), batch_size=min(crystal_chunk, lattice.shape[0]))
 
 
 # ----------------------------------------------------------------------------------------------------------

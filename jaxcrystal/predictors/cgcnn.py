@@ -13,7 +13,8 @@ Options:
     (2m)^3 translations per atom pair; `jaxcrystal.geometry.required_image_box(lattices, 8.0)` gives the
     smallest box for given cells (a 3x3x3 perovskite supercell needs only 1). A crystal whose cell needs a
     bigger box gets `graph.overflow = True`.
-  atom_chunk: atoms searched at once per crystal in the neighbour search (memory knob, default 32).
+  atom_chunk, crystal_chunk: atoms and crystals searched at once in the neighbour search (memory knobs,
+    defaults 32 and 8; see `jaxcrystal.geometry.nearest_neighbors`).
 
 The graph (`build_graph`) is the upstream featurization: the 12 nearest neighbours within 8 Å (all periodic
 images, ties broken by neighbour index then translation), unused slots filled with the first atom and a
@@ -47,7 +48,7 @@ EMBEDDED = (
     "semi-metal-classification",
     "shear-moduli",
 )
-_OPTIONS = ("image_box", "atom_chunk")
+_OPTIONS = ("image_box", "atom_chunk", "crystal_chunk")
 
 
 def weights_dir() -> Path:
@@ -107,11 +108,18 @@ def _resolve(source) -> tuple[dict, dict]:
     return read_weights(io.BytesIO(blob), name=str(path))
 
 
-def build_graph(lattice, frac, mask, *, image_box=3, atom_chunk=32) -> geometry.NeighborList:
+def build_graph(lattice, frac, mask, *, image_box=3, atom_chunk=32, crystal_chunk=8) -> geometry.NeighborList:
     """CGCNN topology: 12 nearest neighbours within 8 Å; [B, ...] leaves (see `geometry.NeighborList`)."""
     lattice, frac = jax.lax.stop_gradient(lattice), jax.lax.stop_gradient(frac)
     return geometry.nearest_neighbors(
-        lattice, frac, mask, cutoff=RADIUS, capacity=MAX_NEIGHBORS, box=image_box, atom_chunk=atom_chunk
+        lattice,
+        frac,
+        mask,
+        cutoff=RADIUS,
+        capacity=MAX_NEIGHBORS,
+        box=image_box,
+        atom_chunk=atom_chunk,
+        crystal_chunk=crystal_chunk,
     )
 
 
@@ -128,10 +136,10 @@ def _apply(build, apply_with_graph, params, lattice, frac, species, mask):
 
 
 @functools.cache
-def _functions(module: CGCNN, box: tuple[int, int, int], chunk: int):
+def _functions(module: CGCNN, box: tuple[int, int, int], chunks: tuple[int, int]):
     """(build_graph, apply_with_graph, apply) for one architecture and search setting; cached so that models
     with the same architecture share the same function objects (and hence `jax.jit` compilations)."""
-    build = functools.partial(build_graph, image_box=box, atom_chunk=chunk)
+    build = functools.partial(build_graph, image_box=box, atom_chunk=chunks[0], crystal_chunk=chunks[1])
     apply_with_graph = functools.partial(_apply_with_graph, module)
     return build, apply_with_graph, functools.partial(_apply, build, apply_with_graph)
 
@@ -144,10 +152,10 @@ def load(source, config=None, **options) -> Predictor:
     if unknown:
         raise ConfigError(f"unknown CGCNN option(s) {unknown}; expected {', '.join(_OPTIONS)}")
     box = geometry.normalize_box(options.get("image_box", 3))
-    chunk = int(options.get("atom_chunk", 32))
+    chunks = (int(options.get("atom_chunk", 32)), int(options.get("crystal_chunk", 8)))
     variables, metadata = _resolve(source)
     module = CGCNN(**metadata["hyperparameters"], classification=metadata["task"] == "classification")
-    build, apply_with_graph, apply = _functions(module, box, chunk)
+    build, apply_with_graph, apply = _functions(module, box, chunks)
     return Predictor(
         kind="cgcnn",
         name=metadata["name"],
@@ -156,5 +164,5 @@ def load(source, config=None, **options) -> Predictor:
         apply=apply,
         build_graph=build,
         apply_with_graph=apply_with_graph,
-        metadata={**metadata, "image_box": box, "atom_chunk": chunk, "module": module},
+        metadata={**metadata, "image_box": box, "atom_chunk": chunks[0], "crystal_chunk": chunks[1], "module": module},
     )
