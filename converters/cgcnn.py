@@ -155,9 +155,7 @@ def convert_checkpoint(checkpoint, where: str = "<checkpoint>") -> tuple[dict, d
     args = args if isinstance(args, dict) else {}
     for key, value in [*hyper.items(), ("task", task)]:
         if key in args and args[key] != value:
-            raise CheckpointError(
-                f"{where}: args[{key!r}] = {args[key]!r} but the state_dict implies {value!r}"
-            )
+            raise CheckpointError(f"{where}: args[{key!r}] = {args[key]!r} but the state_dict implies {value!r}")
 
     f, h = hyper["atom_fea_len"], hyper["h_fea_len"]
     used = set()
