@@ -11,7 +11,7 @@ import sys
 
 from jaxcrystal import presets
 from jaxcrystal.errors import JaxCrystalError
-from jaxcrystal.smoacs.driver import RunConfig, optimize
+from jaxcrystal.smoacs.driver import RunConfig, optimize, resume
 
 
 def _weights(items: list[str]) -> dict:
@@ -35,9 +35,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--task", choices=presets.TASKS, default=d.task, help="objective preset (as SMOACS main.py)")
     p.add_argument("--structure", choices=presets.STRUCTURES, default=d.structure, help="template family")
-    p.add_argument(
-        "--target", type=float, default=None, help="target of the main property (task default if unset)"
-    )
+    p.add_argument("--target", type=float, default=None, help="target of the main property (task default if unset)")
     p.add_argument("--model", choices=presets.MODELS, default=d.model, help="predictor kind for --weights")
     p.add_argument(
         "--weights",
@@ -57,58 +55,68 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--second-coef", type=float, default=None, help="coefficient of the second property term")
     p.add_argument("--second-max", type=float, default=None, help="success needs second < this (E_form: -0.5)")
     p.add_argument("--min-bond", type=float, default=d.min_bond, help="shortest allowed bond, Å")
-    p.add_argument(
-        "--tolerance-window", type=float, nargs=2, default=d.tolerance_window, metavar=("LOW", "HIGH")
-    )
-    p.add_argument(
-        "--tolerance-margin", type=float, default=d.tolerance_margin, help="0.1 = SMOACS's |t - 0.9|"
-    )
+    p.add_argument("--tolerance-window", type=float, nargs=2, default=d.tolerance_window, metavar=("LOW", "HIGH"))
+    p.add_argument("--tolerance-margin", type=float, default=d.tolerance_margin, help="0.1 = SMOACS's |t - 0.9|")
     p.add_argument("--mask-mode", choices=("exact", "smoacs"), default=d.mask_mode)
     p.add_argument("--radius-convention", choices=("shannon", "smoacs"), default=d.radius_convention)
     p.add_argument("--graph-refresh", default=d.graph_refresh, help="'every' step or N sine-scheduled rebuilds")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
     p.add_argument("--out", default="results/run", help="result folder")
+    p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR (its config.json)")
     p.add_argument("--overwrite", action="store_true", help="reuse an existing non-empty --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     try:
-        result = optimize(
-            args.task,
-            out=args.out,
-            overwrite=args.overwrite,
-            progress=not args.quiet,
-            structure=args.structure,
-            target=args.target,
-            model=args.model,
-            weights=_weights(args.weights),
-            model_config=args.model_config,
-            templates=args.templates,
-            num_candidates=args.num_candidates,
-            batch_size=args.batch_size,
-            steps=args.steps,
-            seed=args.seed,
-            train_margin=args.train_margin,
-            eval_margin=args.eval_margin,
-            second_coef=args.second_coef,
-            second_max=args.second_max,
-            min_bond=args.min_bond,
-            tolerance_window=tuple(args.tolerance_window),
-            tolerance_margin=args.tolerance_margin,
-            mask_mode=args.mask_mode,
-            radius_convention=args.radius_convention,
-            graph_refresh=args.graph_refresh,
-        )
+        if args.resume:
+            changed = [a for a in vars(args) if a not in ("resume", "quiet") and getattr(args, a) != p.get_default(a)]
+            if changed:
+                flags = ", ".join("--" + a.replace("_", "-") for a in changed)
+                raise JaxCrystalError(f"--resume takes every option from {args.resume}/config.json; drop {flags}")
+            result = resume(args.resume, progress=not args.quiet)
+        else:
+            result = run(args)
     except JaxCrystalError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    summary = ", ".join(
-        f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.summary.items()
-    )
+    summary = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.summary.items())
     print(f"results in {result.out}: {summary}")
     return 0
+
+
+def run(args):
+    """`optimize` with the options of parsed command-line arguments."""
+    return optimize(
+        args.task,
+        out=args.out,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        structure=args.structure,
+        target=args.target,
+        model=args.model,
+        weights=_weights(args.weights),
+        model_config=args.model_config,
+        templates=args.templates,
+        num_candidates=args.num_candidates,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        seed=args.seed,
+        train_margin=args.train_margin,
+        eval_margin=args.eval_margin,
+        second_coef=args.second_coef,
+        second_max=args.second_max,
+        min_bond=args.min_bond,
+        tolerance_window=tuple(args.tolerance_window),
+        tolerance_margin=args.tolerance_margin,
+        mask_mode=args.mask_mode,
+        radius_convention=args.radius_convention,
+        graph_refresh=args.graph_refresh,
+        checkpoint_every=args.checkpoint_every,
+    )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def _assert_neutral_by_pymatgen(table):
 
 @pytest.fixture(scope="module")
 def perovskite_runs(tmp_path_factory):
-    kwargs = dict(structure="perovskite", target=2.0, num_candidates=8, steps=30, segment_steps=15, progress=False)
+    kwargs = dict(structure="perovskite", target=2.0, num_candidates=8, steps=30, checkpoint_every=15, progress=False)
     first = jaxcrystal.optimize("bg_and_eform", seed=1, out=tmp_path_factory.mktemp("a") / "run", **kwargs)
     again = jaxcrystal.optimize("bg_and_eform", seed=1, **kwargs)
     return first, again

@@ -7,6 +7,8 @@
 """
 
 import dataclasses
+import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ from jaxcrystal.geometry import required_image_box
 from jaxcrystal.predictors import load_predictor
 from jaxcrystal.results import ResultWriter
 from jaxcrystal.smoacs import parametrization as pz
+from jaxcrystal.smoacs.checkpoint import BatchCheckpoints
 from jaxcrystal.smoacs.loop import LoopConfig, PropertyModel, make_loop, make_predict, tolerance_of
 from jaxcrystal.smoacs.mutation import CopyMutation
 from jaxcrystal.smoacs.problem import build_problem
@@ -68,7 +71,7 @@ class RunConfig:
     radius_convention: str = "shannon"
     max_patterns: int = 10
     graph_refresh: str = "every"
-    segment_steps: int = 25
+    checkpoint_every: int = 25  # steps per scan segment: progress line and checkpoint
 
     def resolved(self) -> "RunConfig":
         """Fills task defaults and checks that the options fit together (`ConfigError` otherwise)."""
@@ -77,8 +80,8 @@ class RunConfig:
         if self.task not in presets.TASKS:
             raise ConfigError(f"task must be one of {presets.TASKS}, got {self.task!r}")
         task = presets.TASK_SPECS[self.task]
-        if min(self.num_candidates, self.batch_size, self.steps, self.segment_steps) < 1:
-            raise ConfigError("num_candidates, batch_size, steps and segment_steps must all be >= 1")
+        if min(self.num_candidates, self.batch_size, self.steps, self.checkpoint_every) < 1:
+            raise ConfigError("num_candidates, batch_size, steps and checkpoint_every must all be >= 1")
         if self.templates is not None and self.structure != "none":
             raise ConfigError(
                 f"templates={self.templates!r} gives general templates; it contradicts structure="
@@ -258,10 +261,39 @@ def optimize(
       `OptimizationResult`.
     """
     config = RunConfig(task=task, **options).resolved()
+    return _execute(config, out, overwrite, progress, resume=False)
+
+
+def resume(out: str | Path, progress: bool = True) -> OptimizationResult:
+    """Continues an interrupted run from its result folder (its `config.json` and `checkpoints/`).
+
+    Finished batches are restored from their final checkpoints, the interrupted batch continues from its last
+    checkpoint, the rest run as usual: the result equals the uninterrupted run's.
+    """
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; --resume needs the folder of an earlier run")
+    record = json.loads(path.read_text())
+    record.pop("hyper_parameters", None)
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(record) - fields)
+    if unknown:
+        raise ConfigError(f"{path}: unknown configuration keys {unknown}")
+    record = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
+    config = RunConfig(**record).resolved()
+    return _execute(config, out, True, progress, resume=True)
+
+
+def _execute(config: RunConfig, out, overwrite: bool, progress: bool, resume: bool) -> OptimizationResult:
     pool = _templates(config)
     engine = _Engine(config, pool)
     record = dataclasses.asdict(config) | {"hyper_parameters": engine.row_name}
     writer = ResultWriter(out, record, overwrite=overwrite) if out is not None else None
+    checkpoints = None
+    if out is not None:
+        if not resume:
+            shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)  # a fresh run never continues old states
+        checkpoints = BatchCheckpoints(Path(out) / "checkpoints")
     frames, batches, histories = [], [], []
     num_batches = -(-config.num_candidates // config.batch_size)
     key = jax.random.PRNGKey(config.seed)
@@ -273,7 +305,8 @@ def optimize(
         problem = jax.tree.map(jnp.asarray, problem)
         variables = pz.initial_variables(lengths, angles, problem)
         label = f"batch {index + 1}/{num_batches}"
-        state, history = engine.run_batch(variables, problem, jax.random.fold_in(key, index), label, progress)
+        rng = jax.random.fold_in(key, index)
+        state, history = engine.run_batch(index, variables, problem, rng, label, progress, checkpoints, resume)
         candidates, onehot_batch = _discretize(index, lo, pool, state, history, engine)
         frame = evaluate(candidates, engine.criteria)
         if writer is not None:
@@ -315,29 +348,50 @@ class _Engine:
         self.compiled = make_loop(self.models, self.loop)
         self.predict = make_predict(self.models)
 
-    def run_batch(self, variables, problem, rng, label, progress):
-        """All steps of a batch in segments of `config.segment_steps` (one compiled scan), with progress lines.
+    def run_batch(self, index, variables, problem, rng, label, progress, checkpoints=None, resume=False):
+        """All steps of a batch in segments of `config.checkpoint_every` steps (one compiled scan).
+
+        After each segment a progress line is printed and, with `checkpoints`, the loop state and the history
+        so far are saved; with `resume` a saved state of this batch is continued (or returned, if complete).
+        Continuing a saved state gives exactly the uninterrupted result (the scan carry is the whole state).
 
         If a graph predictor's static neighbour-search box turns out too small for a candidate's cell (the
         in-graph overflow flag), the box is enlarged and the batch is run again from its start: the neighbour
         search is exact whenever the box suffices, so the result is the one a large-enough box gives.
         """
         steps = self.config.steps
+        saved = None
+        if resume and checkpoints is not None and checkpoints.meta(index) is not None:
+            box = checkpoints.meta(index)["box"]
+            if (tuple(box) if box else None) != self.box:
+                self._build(tuple(box) if box else None)
+            abstract = jax.eval_shape(self.compiled.init, self.params, variables, problem, rng)
+            saved = checkpoints.load(index, abstract)
         while True:
             t0 = time.perf_counter()
-            state = self.compiled.init(self.params, variables, problem, rng)
-            parts = []
+            if saved is not None:
+                state, history, _ = saved
+                parts = [history] if int(state.step) > 0 else []
+                saved = None
+                if progress:
+                    _say(f"{label}: resumed at step {int(state.step)}/{steps}")
+            else:
+                state, parts = self.compiled.init(self.params, variables, problem, rng), []
+            start_step = int(state.step)
             while int(state.step) < steps:
-                n = min(self.config.segment_steps, steps - int(state.step))
+                n = min(self.config.checkpoint_every, steps - int(state.step))
                 state, part = self.compiled.advance(self.params, state, n)
                 parts.append(jax.tree.map(np.asarray, part))
+                done = int(state.step)
+                if checkpoints is not None:
+                    overflowed = bool(np.asarray(state.overflow).any())
+                    checkpoints.save(index, state, _stack(parts), self.box, complete=done == steps and not overflowed)
                 if progress:
-                    done = int(state.step)
-                    rate = done / (time.perf_counter() - t0)
+                    rate = (done - start_step) / (time.perf_counter() - t0)
                     _say(f"{label}: step {done}/{steps} ({rate:.1f} steps/s incl. compilation)")
             overflow = np.asarray(state.overflow)
             if not overflow.any():
-                return state, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+                return state, _stack(parts)
             lattice = np.asarray(pz.decode_lattice(state.variables, state.problem, self.loop.geometry))
             needed = required_image_box(lattice[overflow], NEIGHBOR_CUTOFF)
             box = tuple(max(m + 1, n) for m, n in zip(self.box, needed, strict=True))
@@ -345,7 +399,14 @@ class _Engine:
                 _say(
                     f"{label}: {int(overflow.sum())} candidates outgrew the neighbour box {self.box}; rerun with {box}"
                 )
+            if checkpoints is not None:
+                checkpoints.clear(index)
             self._build(box)
+
+
+def _stack(parts: list[dict]) -> dict:
+    """History segments -> one history: key -> [steps, B]."""
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def _initial_box(config: RunConfig, pool: templates.Templates):
