@@ -1,0 +1,161 @@
+"""ALIGNN throughput and memory: graph build, forward and forward+gradient on perovskite batches.
+
+    python benchmarks/bench_alignn.py                                  # 128x5, 8x135 (run) and 128x135 (compile only)
+    python benchmarks/bench_alignn.py --cases 32x135 --chunk-size 8 --no-remat --json out.json
+    python benchmarks/bench_alignn.py --ckpt mp_e_form_alignnn.zip --compile-only 128x135
+
+Per case (B crystals x N atoms): the static capacities (edges / line-graph pairs per crystal), the graph sizes
+actually found, compile times and median run times of `build_graph` and of the frozen-topology forward and
+forward+gradient (w.r.t. lattice, frac and species), XLA's temporary-buffer size of each compiled program
+(`memory_analysis`, the peak working memory without arguments and outputs) and the process peak RSS (monotone
+over the run). Cases listed under `--compile-only` are compiled and measured but not run (useful for the
+128 x 135 memory plan on a small machine). Without `--ckpt` the weights are random (default 4+4 layers, H = 256).
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcrystal import alignn_graph
+from jaxcrystal.models.alignn import ALIGNN
+from jaxcrystal.predictors import alignn as pa
+from jaxcrystal.predictors import load_predictor
+
+PEROVSKITE_FRAC = np.array([[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+
+
+def perovskite_batch(num_crystals: int, cells: int, seed: int = 0):
+    """`num_crystals` rattled ABX3 perovskites, cells^3 supercells (5 cells^3 atoms), a ≈ 3.9 Å per cell."""
+    rng = np.random.default_rng(seed)
+    shifts = np.stack(np.meshgrid(*[np.arange(cells)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    frac = ((PEROVSKITE_FRAC[None] + shifts[:, None]) / cells).reshape(-1, 3)
+    n = len(frac)
+    a = rng.uniform(3.7, 4.1, size=num_crystals) * cells
+    lattice = a[:, None, None] * np.eye(3) + rng.normal(scale=0.05, size=(num_crystals, 3, 3))
+    frac = frac[None] + rng.normal(scale=0.03 / (3.9 * cells), size=(num_crystals, n, 3))
+    species = jax.nn.softmax(rng.normal(size=(num_crystals, n, 98)) / 0.3, axis=-1)
+    return (
+        jnp.asarray(lattice, jnp.float32),
+        jnp.asarray(frac, jnp.float32),
+        jnp.asarray(species, jnp.float32),
+        jnp.ones((num_crystals, n), bool),
+    )
+
+
+def random_variables(module: ALIGNN, batch, graph):
+    inputs = pa.flat_inputs(graph, *batch)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))
+    rng = np.random.default_rng(0)
+
+    def init(path, leaf):
+        name = path[-1].key
+        if name == "var":
+            return jnp.ones(leaf.shape, jnp.float32)
+        if name == "scale":
+            return jnp.ones(leaf.shape, jnp.float32)
+        if name == "centers":
+            n = leaf.shape[0]
+            return jnp.linspace(-1.0, 1.0, n) if n == module.triplet_input_features else jnp.linspace(0.0, 8.0, n)
+        if name == "gamma":
+            return jnp.asarray(9.875 if path[-2].key.startswith("edge") else 19.5, jnp.float32)
+        fan_in = leaf.shape[0] if leaf.ndim == 2 else 256
+        return jnp.asarray(rng.normal(size=leaf.shape) / np.sqrt(fan_in), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(init, shapes)
+
+
+def timed(fn, *args, repeat: int):
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def compile_stats(fn, *args):
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    temp = getattr(memory, "temp_size_in_bytes", None) if memory is not None else None
+    return compiled, seconds, temp
+
+
+def run_case(case: str, args, run: bool) -> dict:
+    b, n = (int(v) for v in case.split("x"))
+    cells = round((n / 5) ** (1 / 3))
+    if 5 * cells**3 != n:
+        raise SystemExit(f"case {case}: N must be 5 * cells^3 (5, 40, 135, ...)")
+    batch = perovskite_batch(b, cells)
+    lattice, frac, species, mask = batch
+    box = alignn_graph.geometry.required_image_box(np.asarray(lattice), alignn_graph.CUTOFF)
+    if args.ckpt:
+        predictor = load_predictor("alignn", args.ckpt)
+        variables, hyper = predictor.params, predictor.metadata["hyperparameters"]
+    else:
+        hyper = {}
+    module = ALIGNN(**hyper, remat=not args.no_remat)
+    build = jax.jit(lambda lat, f, m: alignn_graph.build_graph(lat, f, m, box=box))
+    e_cap, t_cap = alignn_graph.capacities(n)
+    chunk = args.chunk_size or max(1, pa.TRIPLETS_PER_CHUNK // t_cap)
+    row = {"case": case, "edge_capacity": e_cap, "triplet_capacity": t_cap, "chunk_size": min(chunk, b)}
+    row["remat"] = not args.no_remat
+    start = time.perf_counter()
+    graph = jax.block_until_ready(build(lattice, frac, mask))
+    row["graph_first_call_s"] = time.perf_counter() - start
+    row["edges_per_crystal_max"] = int(graph.edge_valid.sum(1).max())
+    row["triplets_per_crystal_max"] = int(graph.lg_valid.sum(1).max())
+    row["overflow"] = int(graph.overflow.sum())
+    if not args.ckpt:
+        small = jax.tree.map(lambda x: x[:1], (graph, batch))
+        variables = random_variables(module, small[1], small[0])
+
+    def forward(lat, f, s):
+        return pa.apply_with_graph(module, chunk, variables, graph, lat, f, s, mask)
+
+    def value_and_grad(lat, f, s):
+        return jax.value_and_grad(lambda *a: jnp.sum(forward(*a)), argnums=(0, 1, 2))(lat, f, s)
+
+    for name, fn in (("forward", forward), ("forward_grad", value_and_grad)):
+        compiled, seconds, temp = compile_stats(fn, lattice, frac, species)
+        row[f"{name}_compile_s"] = seconds
+        row[f"{name}_temp_GB"] = None if temp is None else temp / 1e9
+        if run:
+            row[f"{name}_run_s"] = timed(compiled, lattice, frac, species, repeat=args.repeat)
+    if run:
+        row["graph_run_s"] = timed(build, lattice, frac, mask, repeat=args.repeat)
+    row["peak_rss_GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", nargs="*", default=["128x5", "8x135"], help="BxN cases to compile and run")
+    parser.add_argument("--compile-only", nargs="*", default=["128x135"], help="BxN cases to compile only")
+    parser.add_argument("--ckpt", default=None, help="ALIGNN zip / folder / converted .npz (default: random)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="crystals per chunk (default: automatic)")
+    parser.add_argument("--no-remat", action="store_true", help="disable per-layer rematerialization")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    rows = []
+    for case, run in [(c, True) for c in args.cases] + [(c, False) for c in args.compile_only]:
+        row = run_case(case, args, run)
+        rows.append(row)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
