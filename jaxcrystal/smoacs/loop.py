@@ -201,7 +201,9 @@ def make_loop(models: dict, config: LoopConfig) -> Loop:
     """
     tx = make_optimizer(config)
     taus = jnp.asarray(temperature(config.num_steps, *config.temperature))
-    refresh = jnp.asarray(config.refresh_table())
+    refresh_table = config.refresh_table()
+    refresh = jnp.asarray(refresh_table)
+    rebuild_every_step = bool(refresh_table.all())
     mutate_now = jnp.asarray(config.mutation_table())
     graph_names = tuple(n for n, m in models.items() if m.predictor.is_graph_model)
     main_key = next((f"{o.kind}:{o.property}" for o in config.objectives if o.property == config.main_property), None)
@@ -223,7 +225,12 @@ def make_loop(models: dict, config: LoopConfig) -> Loop:
     def build_graphs(variables, problem):
         crystal, _ = pz.decode(variables, problem, config.geometry, taus[0])
         lattice, frac, _, mask = jax.lax.stop_gradient(crystal)
-        return {n: models[n].predictor.build_graph(lattice, frac, mask) for n in graph_names}
+        built = {}  # one search per distinct builder: predictors with the same `build_graph` share the topology
+        for n in graph_names:
+            build = models[n].predictor.build_graph
+            if build not in built:
+                built[build] = build(lattice, frac, mask)
+        return {n: built[models[n].predictor.build_graph] for n in graph_names}
 
     def graph_overflow(graphs, b):
         flags = [jnp.reshape(g.overflow, (b,)) for g in graphs.values() if hasattr(g, "overflow")]
@@ -233,7 +240,10 @@ def make_loop(models: dict, config: LoopConfig) -> Loop:
         s = state.step
         variables, opt_state, problem, healthy = state.variables, state.opt_state, state.problem, state.healthy
         b = healthy.shape[0]
-        graphs = jax.lax.cond(refresh[s], lambda: build_graphs(variables, problem), lambda: state.graphs)
+        if rebuild_every_step:
+            graphs = build_graphs(variables, problem)
+        else:
+            graphs = jax.lax.cond(refresh[s], lambda: build_graphs(variables, problem), lambda: state.graphs)
         overflow = state.overflow | graph_overflow(graphs, b)
 
         def objective(v):
@@ -272,7 +282,7 @@ def make_loop(models: dict, config: LoopConfig) -> Loop:
         row = {"loss": loss, "tau": jnp.broadcast_to(taus[s], loss.shape)}
         row.update(predictions)
         new_state = LoopState(s + 1, variables, opt_state, problem, graphs, healthy, overflow, rng)
-        return new_state, row
+        return _strong(new_state), row
 
     @jax.jit
     def init(params, variables, problem, rng):
@@ -280,7 +290,7 @@ def make_loop(models: dict, config: LoopConfig) -> Loop:
         b = problem.atom_mask.shape[0]
         graphs = build_graphs(variables, problem)
         healthy = jnp.ones(b, dtype=bool)
-        return LoopState(
+        state = LoopState(
             jnp.zeros((), jnp.int32),
             variables,
             tx.init(variables),
@@ -290,6 +300,7 @@ def make_loop(models: dict, config: LoopConfig) -> Loop:
             graph_overflow(graphs, b),
             _raw_key(rng),
         )
+        return _strong(state)
 
     @functools.partial(jax.jit, static_argnums=2)
     def advance(params, state, num_steps):
@@ -331,6 +342,16 @@ def _raw_key(rng):
     if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         return jax.random.key_data(rng)
     return rng
+
+
+def _strong(tree):
+    """The tree (inside `jit`) with every weakly typed leaf made strongly typed (same dtype).
+
+    The state is the argument of the jitted `advance`, whose compilation cache is keyed by the leaves' types
+    including weak typing. A weakly typed leaf (e.g. logits made by `jnp.full(..., 1 / 98)`) comes out of the scan
+    strongly typed, so without this every segment after the first one would compile the whole scan again.
+    """
+    return jax.tree.map(lambda x: x.astype(x.dtype), tree)
 
 
 def _bcast(flag, x):
