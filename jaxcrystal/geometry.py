@@ -16,8 +16,8 @@ for given cells on the host, and the in-`jit` search raises its `overflow` flag 
 cell needs a bigger box (its neighbour list may then miss neighbours). This keeps shapes static while lattices
 change inside an optimization; the optimizer can rebuild with a bigger box when the flag appears.
 
-Selection rule (`nearest_neighbors`): all candidates within `cutoff`, sorted by distance; ties are broken by
-the candidate order (neighbour index j, then translation t in lexicographic order), and the first `capacity`
+Selection rule (`nearest_neighbors`): all candidates within `cutoff`, sorted by distance; ties (equal within
+round-off, see `tie_key`) are broken by the bond vector (`canonical_order`), and the first `capacity`
 are kept. Slots beyond the number of candidates are invalid. CGCNN uses capacity 12; a builder with a
 different tie rule (ALIGNN keeps every neighbour as close as the 12th) can ask for a larger capacity and use the
 sorted `distance` field.
@@ -107,6 +107,43 @@ def box_translations(box) -> np.ndarray:
     return np.array(list(itertools.product(*ranges)), dtype=np.int32)
 
 
+TIE_QUANTUM = {"float32": 1e-6, "float64": 1e-9}  # Å, a few round-off units at 8 Å in each precision
+TIE_POOL = 36  # extra candidates the in-jit search orders canonically beyond the `capacity` nearest
+
+
+def canonical_order(distance, vectors):
+    """Candidate order: by `tie_key(distance)`, ties by the bond vector's quantized (x, y, z), lexicographic.
+
+    The bond vector, not the neighbour's index or image label, decides ties, so the choice inside a symmetric
+    shell does not depend on how coordinates are wrapped or on round-off. (The in-jit search applies it to its
+    `capacity + TIE_POOL` nearest candidates; a tied shell reaching beyond them falls back to candidate order.)
+
+    Args:
+      distance: [M] Å (inf for non-candidates).
+      vectors: [M, 3] Cartesian bond vectors, Å.
+    Returns:
+      [M] int permutation.
+    """
+    xp = jnp if isinstance(distance, jax.Array) else np
+    q = xp.round(xp.where(xp.isfinite(distance)[:, None], vectors, 0.0) / _quantum(distance))
+    return xp.lexsort((q[:, 2], q[:, 1], q[:, 0], tie_key(distance)))
+
+
+def tie_key(distance):
+    """Ranking key of candidate distances: distances equal within round-off rank as ties.
+
+    Distances are bucketed to `TIE_QUANTUM` (1e-9 Å in float64, 1e-6 Å in float32: above round-off, below the
+    1e-6 Å near-ties real cells have), so neighbours equidistant by symmetry tie exactly and are then ordered by
+    their bond vector, whatever the last bits of the arithmetic (device layout, batch size, jit vs host).
+    """
+    xp = jnp if isinstance(distance, jax.Array) else np
+    return xp.round(distance / _quantum(distance))
+
+
+def _quantum(distance) -> float:
+    return TIE_QUANTUM["float32"] if distance.dtype == np.float32 else TIE_QUANTUM["float64"]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Host search (float64 numpy)
 
@@ -133,7 +170,8 @@ def nearest_neighbors_np(lattice, frac, *, cutoff: float = 8.0, capacity: int = 
     image = shift[:, :, None, :] + trans[None, None]
     is_self = (np.arange(n_atoms)[:, None, None] == np.arange(n_atoms)[None, :, None]) & np.all(image == 0, -1)
     dist = np.where(is_self | (dist > cutoff), np.inf, dist).reshape(n_atoms, -1)
-    order = np.argsort(dist, axis=1, kind="stable")[:, :capacity]
+    vectors = (base[:, :, None, :] + offsets[None, None]).reshape(n_atoms, -1, 3)
+    order = np.stack([canonical_order(dist[i], vectors[i]) for i in range(n_atoms)])[:, :capacity]
     if order.shape[1] < capacity:  # fewer candidates than slots in the whole box (tiny N, huge cutoff)
         order = np.pad(order, ((0, 0), (0, capacity - order.shape[1])), constant_values=0)
     dist_k = np.take_along_axis(dist, order, axis=1)
@@ -166,14 +204,20 @@ def _crystal_neighbors(lattice, frac, mask, translations, cutoff, capacity, atom
         image = shift[:, None, :] + trans[None]
         is_self = (jnp.arange(n_atoms) == i)[:, None] & jnp.all(image == 0, axis=-1)
         ok = mask[:, None] & ~is_self & (d2 <= cutoff2) & mask[i]
-        d2 = jnp.where(ok, d2, jnp.inf).reshape(-1)
-        if d2.shape[0] < capacity:  # fewer candidates than slots in the whole box (tiny N and box)
-            d2 = jnp.pad(d2, (0, capacity - d2.shape[0]), constant_values=jnp.inf)
-        neg, order = jax.lax.top_k(-d2, capacity)  # ties: the lower candidate index first
-        valid = jnp.isfinite(neg)
+        d = jnp.sqrt(jnp.where(ok, d2, jnp.inf)).reshape(-1)
+        if d.shape[0] < capacity:  # fewer candidates than slots in the whole box (tiny N and box)
+            d = jnp.pad(d, (0, capacity - d.shape[0]), constant_values=jnp.inf)
+        # Two stages: the nearest `capacity + TIE_POOL` by quantized distance, then the canonical order among
+        # them (distance bucket, then the bond vector), so symmetric shells resolve the same way everywhere.
+        pool = min(d.shape[0], capacity + TIE_POOL)
+        _, order = jax.lax.top_k(-tie_key(d), pool)
+        vectors = base[order // n_trans % n_atoms] + offsets[order % n_trans]  # [pool, 3] Cartesian bonds
+        order = order[canonical_order(d[order], vectors)[:capacity]]
+        dist = d[order]
+        valid = jnp.isfinite(dist)
         index = jnp.where(valid, order // n_trans, first_real).astype(jnp.int32)
         img = jnp.where(valid[:, None], image.reshape(-1, 3)[order % (n_atoms * n_trans)], 0).astype(jnp.int32)
-        dist = jnp.where(valid, jnp.sqrt(jnp.where(valid, -neg, 1.0)), cutoff + 1.0)
+        dist = jnp.where(valid, dist, cutoff + 1.0)
         return index, img, valid, dist
 
     index, image, valid, dist = jax.lax.map(row, jnp.arange(n_atoms), batch_size=min(atom_chunk, n_atoms))

@@ -61,6 +61,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--radius-convention", choices=("shannon", "smoacs"), default=d.radius_convention)
     p.add_argument("--graph-refresh", default=d.graph_refresh, help="'every' step or N sine-scheduled rebuilds")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
+    p.add_argument("--init-jitter", type=float, default=d.init_jitter, help="seeded start displacement (0: none)")
+    p.add_argument("--devices", type=int, default=None, help="shard candidates over N local devices (default all)")
     p.add_argument("--out", default="results/run", help="result folder")
     p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR (its config.json)")
     p.add_argument("--overwrite", action="store_true", help="reuse an existing non-empty --out folder")
@@ -116,6 +118,8 @@ def run(args):
         radius_convention=args.radius_convention,
         graph_refresh=args.graph_refresh,
         checkpoint_every=args.checkpoint_every,
+        init_jitter=args.init_jitter,
+        devices=args.devices,
     )
 
 

@@ -33,6 +33,7 @@ from jaxcrystal.smoacs.loop import LoopConfig, PropertyModel, make_loop, make_pr
 from jaxcrystal.smoacs.mutation import CopyMutation
 from jaxcrystal.smoacs.problem import build_problem
 from jaxcrystal.smoacs.schedules import sine_rebuild_steps
+from jaxcrystal.smoacs.sharding import candidate_mesh, replicate, shard_candidates
 
 NEIGHBOR_CUTOFF = 8.0  # Å, CGCNN's neighbour radius
 
@@ -72,6 +73,8 @@ class RunConfig:
     max_patterns: int = 10
     graph_refresh: str = "every"
     checkpoint_every: int = 25  # steps per scan segment: progress line and checkpoint
+    init_jitter: float = 1e-4  # seeded Gaussian displacement of the starting fractional coordinates (std)
+    devices: int | None = None  # shard the candidate axis over this many local devices (None: all that divide B)
 
     def resolved(self) -> "RunConfig":
         """Fills task defaults and checks that the options fit together (`ConfigError` otherwise)."""
@@ -87,6 +90,8 @@ class RunConfig:
                 f"templates={self.templates!r} gives general templates; it contradicts structure="
                 f"{self.structure!r} (use structure='none')"
             )
+        if self.devices is not None and self.devices < 1:
+            raise ConfigError(f"devices must be >= 1, got {self.devices}")
         if self.mask_mode not in ("exact", "smoacs"):
             raise ConfigError(f"mask_mode must be 'exact' or 'smoacs', got {self.mask_mode!r}")
         if self.graph_refresh != "every" and not str(self.graph_refresh).isdigit():
@@ -303,9 +308,10 @@ def _execute(config: RunConfig, out, overwrite: bool, progress: bool, resume: bo
         part = pool.take(range(lo, min(lo + config.batch_size, len(pool))))
         problem, lengths, angles = build_problem(part, config.max_patterns, config.radius_convention, lo)
         problem = jax.tree.map(jnp.asarray, problem)
-        variables = pz.initial_variables(lengths, angles, problem)
-        label = f"batch {index + 1}/{num_batches}"
         rng = jax.random.fold_in(key, index)
+        variables = pz.initial_variables(lengths, angles, problem)
+        variables = pz.jitter_coordinates(variables, problem, config.init_jitter, jax.random.fold_in(rng, 1))
+        label = f"batch {index + 1}/{num_batches}"
         state, history = engine.run_batch(index, variables, problem, rng, label, progress, checkpoints, resume)
         candidates, onehot_batch = _discretize(index, lo, pool, state, history, engine)
         frame = evaluate(candidates, engine.criteria)
@@ -360,27 +366,32 @@ class _Engine:
         search is exact whenever the box suffices, so the result is the one a large-enough box gives.
         """
         steps = self.config.steps
+        b = problem.atom_mask.shape[0]
+        mesh = candidate_mesh(b, self.config.devices)
+        variables, problem = shard_candidates((variables, problem), mesh, b)
+        params = replicate(self.params, mesh)
         saved = None
         if resume and checkpoints is not None and checkpoints.meta(index) is not None:
             box = checkpoints.meta(index)["box"]
             if (tuple(box) if box else None) != self.box:
                 self._build(tuple(box) if box else None)
-            abstract = jax.eval_shape(self.compiled.init, self.params, variables, problem, rng)
+            abstract = jax.eval_shape(self.compiled.init, params, variables, problem, rng)
             saved = checkpoints.load(index, abstract)
         while True:
             t0 = time.perf_counter()
             if saved is not None:
                 state, history, _ = saved
+                state = shard_candidates(state, mesh, b)
                 parts = [history] if int(state.step) > 0 else []
                 saved = None
                 if progress:
                     _say(f"{label}: resumed at step {int(state.step)}/{steps}")
             else:
-                state, parts = self.compiled.init(self.params, variables, problem, rng), []
+                state, parts = self.compiled.init(params, variables, problem, rng), []
             start_step = int(state.step)
             while int(state.step) < steps:
                 n = min(self.config.checkpoint_every, steps - int(state.step))
-                state, part = self.compiled.advance(self.params, state, n)
+                state, part = self.compiled.advance(params, state, n)
                 parts.append(jax.tree.map(np.asarray, part))
                 done = int(state.step)
                 if checkpoints is not None:
@@ -402,6 +413,7 @@ class _Engine:
             if checkpoints is not None:
                 checkpoints.clear(index)
             self._build(box)
+            params = replicate(self.params, mesh)
 
 
 def _stack(parts: list[dict]) -> dict:

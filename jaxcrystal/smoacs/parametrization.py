@@ -108,6 +108,20 @@ def initial_variables(lattice_lengths, lattice_angles, problem: Problem) -> Vari
     )
 
 
+def jitter_coordinates(variables: Variables, problem: Problem, std: float, rng) -> Variables:
+    """Displaces the starting coordinates of real atoms by seeded Gaussian noise of `std` (fractional units).
+
+    Templates sit at symmetric points where many gradient components vanish exactly; there Adam's first steps
+    turn round-off (~1e-8 in float32) into full ±lr moves, so the trajectory would depend on the last bits of the
+    arithmetic (device count, batch layout). A seeded displacement far above round-off but far below the
+    coordinate window (default 1e-4) makes the symmetry breaking part of the seed instead.
+    """
+    if not std:
+        return variables
+    noise = std * jax.random.normal(rng, variables.frac.shape, variables.frac.dtype)
+    return variables._replace(frac=variables.frac + jnp.where(problem.atom_mask[..., None], noise, 0.0))
+
+
 def decode_lattice(variables: Variables, problem: Problem, geometry: Geometry):
     """Lattice rows [B, 3, 3] Å from the scaled lengths and angles."""
     low, high = geometry.length_range
