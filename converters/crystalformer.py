@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import json
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +147,7 @@ def convert_checkpoint(path, config=None) -> tuple[dict, dict]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     checkpoint = read_torch_checkpoint(path)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
     sd = checkpoint["state_dict"]
     hparams = checkpoint.get("hyper_parameters") or {}
@@ -167,7 +168,9 @@ def convert_checkpoint(path, config=None) -> tuple[dict, dict]:
 
     model_sd = {key[len(SWA_PREFIX) :]: value for key, value in sd.items() if key.startswith(SWA_PREFIX)}
     if not model_sd:
-        raise CheckpointError(f"{path}: no '{SWA_PREFIX}*' keys (the SWA weights upstream loads)")
+        raise CheckpointError(
+            f"{path}: not a Crystalformer checkpoint: no '{SWA_PREFIX}*' keys (the SWA weights upstream loads)"
+        )
     check_state_dict(model_sd, arch, source=f"{path.name} (config {config_source})")
     for key in ("target_mean", "target_std"):
         if key not in sd:
@@ -225,7 +228,7 @@ def load_converted(path) -> tuple[dict, dict]:
                 raise CheckpointError(f"{path}: not converted Crystalformer weights (no '__metadata__')")
             metadata = json.loads(str(data["__metadata__"]))
             flat = {key: data[key] for key in data.files if key != "__metadata__"}
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         if isinstance(err, CheckpointError):
             raise
         raise CheckpointError(f"{path}: cannot read converted weights ({err})") from err

@@ -31,8 +31,10 @@ from pymatgen.core import Lattice, Structure
 
 from jaxcrystal.elements import NUM_ELEMENTS, SYMBOLS, atomic_number
 from jaxcrystal.errors import StructureError
+from jaxcrystal.geometry import cell_heights, nearest_neighbors_np
 
 MIN_VOLUME = 1e-3  # Å^3; a cell smaller than this is degenerate
+MIN_SEPARATION = 0.1  # Å; two atoms (or an atom and its own image) closer than this are duplicates
 
 
 class CrystalBatch(NamedTuple):
@@ -56,7 +58,9 @@ class CrystalBatch(NamedTuple):
     def from_structures(cls, structures, pad_to: int | None = None) -> "CrystalBatch":
         """Builds a batch from pymatgen `Structure`s or ASE `Atoms` (mixed lists are fine).
 
-        Disordered sites become soft species with the site occupancies as probabilities (normalized).
+        Disordered sites become soft species with the site occupancies as probabilities (normalized). Raises
+        `StructureError` for a malformed crystal (see `validate`) and for atoms closer than 0.1 Å (periodic images
+        included: duplicated or overlapping sites), naming the crystal, the atoms and their distance.
 
         Args:
           structures: a sequence of `Structure` / `Atoms`, or a single one.
@@ -83,6 +87,8 @@ class CrystalBatch(NamedTuple):
             mask[i, : len(s)] = True
         batch = cls(lattice, frac, species, mask)
         validate(batch)
+        for i, s in enumerate(structures):
+            check_separation(lattice[i], frac[i, : len(s)], where=f"crystal {i}")
         return batch
 
     @classmethod
@@ -140,7 +146,8 @@ def validate(batch: CrystalBatch) -> None:
     """Raises `StructureError` naming the problem if a (host) batch is malformed.
 
     Checks: shapes agree; lattices finite with volume > 1e-3 Å^3 (a left-handed cell is accepted);
-    coordinates finite; species non-negative, finite and summing to 1 on real atoms; every crystal has an atom.
+    coordinates finite; species non-negative, finite and summing to 1 on real atoms; padding slots finite (their
+    values are ignored, but NaN would leak through masked arithmetic); every crystal has an atom.
     """
     lattice, frac, species, mask = (np.asarray(x) for x in batch)
     if lattice.ndim != 3 or lattice.shape[1:] != (3, 3):
@@ -167,12 +174,37 @@ def validate(batch: CrystalBatch) -> None:
         p = species[i][real]
         if not np.all(np.isfinite(p)) or np.any(p < 0):
             raise StructureError(f"crystal {i}: species must be finite, non-negative probabilities")
+        finite = np.isfinite(frac[i]).all(-1) & np.isfinite(species[i]).all(-1)
+        if not finite.all():  # real atoms were checked above: a padding slot
+            slot = int(np.flatnonzero(~finite)[0])
+            raise StructureError(f"crystal {i}: padding slot {slot} holds NaN or inf; padding must be finite (zeros)")
         sums = p.sum(-1)
         if not np.allclose(sums, 1.0, atol=1e-5):
             worst = int(np.argmax(np.abs(sums - 1.0)))
-            raise StructureError(
-                f"crystal {i}, atom {worst}: species probabilities sum to {sums[worst]:.6g}, not 1"
-            )
+            raise StructureError(f"crystal {i}, atom {worst}: species probabilities sum to {sums[worst]:.6g}, not 1")
+
+
+def check_separation(lattice, frac, min_distance: float = MIN_SEPARATION, where: str = "crystal") -> None:
+    """Raises `StructureError` naming the closest pair if two atoms (or an atom and its own periodic image) are
+    closer than `min_distance` Å.
+
+    Args:
+      lattice: [3, 3] rows, Å (finite, non-degenerate).
+      frac: [n, 3] fractional coordinates of the real atoms.
+    """
+    height = float(np.min(cell_heights(np.asarray(lattice, dtype=np.float64))))
+    if height < min_distance:  # lattice planes closer than the threshold: no physical cell, and a huge image box
+        raise StructureError(f"{where}: the cell is flat (a height of {height:.3g} Å between lattice planes)")
+    nearest = nearest_neighbors_np(lattice, frac, cutoff=min_distance, capacity=1)
+    close = np.flatnonzero(nearest.valid[:, 0])
+    if close.size:
+        i = int(close[np.argmin(nearest.distance[close, 0])])
+        j = int(nearest.index[i, 0])
+        other = "its own periodic image" if i == j else f"atom {j}"
+        raise StructureError(
+            f"{where}: atom {i} and {other} are {nearest.distance[i, 0]:.3g} Å apart (closer than {min_distance} Å: "
+            "duplicated or overlapping atoms)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -247,9 +279,9 @@ def read_structure(path: str | Path) -> Structure:
     except Exception as err:  # pymatgen raises many types for malformed files
         raise StructureError(f"{path}: cannot parse as {_kind(path)}: {err}") from None
     try:
-        validate(CrystalBatch.from_structures([structure]))
+        CrystalBatch.from_structures([structure])
     except StructureError as err:
-        raise StructureError(f"{path}: {err}") from None
+        raise type(err)(f"{path}: {err}") from None
     return structure
 
 

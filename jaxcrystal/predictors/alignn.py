@@ -33,7 +33,7 @@ from jaxcrystal import alignn_graph, geometry
 from jaxcrystal.atom_features import cgcnn_atom_features
 from jaxcrystal.errors import ConfigError
 from jaxcrystal.models.alignn import ALIGNN
-from jaxcrystal.predictors.base import Predictor
+from jaxcrystal.predictors.base import Predictor, check_variables
 
 _OPTIONS = ("image_box", "neighbor_capacity", "degree", "atom_chunk", "chunk_size", "remat", "member")
 TRIPLETS_PER_CHUNK = 1 << 18
@@ -110,6 +110,33 @@ def apply_with_graph(module, chunk_size, variables, graph, lattice, frac, specie
     return out.reshape((n_chunks * chunk,) + out.shape[2:])[:b]
 
 
+def host_graph(canonize: bool, lattice, frac, mask) -> alignn_graph.AlignnGraph:
+    """The exact upstream graph of concrete crystals, built on the host (float64, no capacity limit).
+
+    Args:
+      canonize: the model's `use_canonize`.
+      lattice: [B, 3, 3] rows, Å; frac: [B, N, 3]; mask: [B, N] bool.
+    Returns:
+      `AlignnGraph` padded to the largest crystal's edge and triplet counts (overflow False), atom indices
+      referring to the slots of `frac`.
+    """
+    lattice, frac, mask = np.asarray(lattice, np.float64), np.asarray(frac, np.float64), np.asarray(mask, bool)
+    graphs = []
+    for lat, f, m in zip(lattice, frac, mask, strict=True):
+        real = np.flatnonzero(m).astype(np.int32)
+        g = alignn_graph.build_graph_np(lat, f[real], canonize=canonize)
+        graphs.append({**g, "src": real[g["src"]], "dst": real[g["dst"]]})
+    return alignn_graph.pad_graphs(graphs)
+
+
+def _expected_variables(module: ALIGNN):
+    """Shapes of the variables of `module` (abstract `init` on a one-bond graph, nothing computed)."""
+    one, idx = jnp.ones((1,)), jnp.zeros((1,), jnp.int32)
+    atoms = jnp.zeros((1, cgcnn_atom_features().shape[1]))
+    init = functools.partial(module.init, num_graphs=1)
+    return jax.eval_shape(init, jax.random.key(0), atoms, one, one, (idx, idx, one), (idx, idx, one), idx, one)
+
+
 def _apply(build, apply_graph, variables, lattice, frac, species, mask):
     return apply_graph(variables, build(lattice, frac, mask), lattice, frac, species, mask)
 
@@ -123,6 +150,7 @@ def load(source, config=None, **options) -> Predictor:
         raise ConfigError(f"unknown ALIGNN option(s) {unknown}; expected {', '.join(_OPTIONS)}")
     variables, metadata = read(source, options.get("member"))
     module = ALIGNN(**metadata["hyperparameters"], remat=bool(options.get("remat", True)))
+    check_variables(variables, _expected_variables(module), str(source))
     build = functools.partial(
         alignn_graph.build_graph,
         canonize=metadata["graph"]["use_canonize"],
@@ -141,5 +169,6 @@ def load(source, config=None, **options) -> Predictor:
         apply=functools.partial(_apply, build, apply_graph),
         build_graph=build,
         apply_with_graph=apply_graph,
+        host_graph=functools.partial(host_graph, metadata["graph"]["use_canonize"]),
         metadata=metadata,
     )

@@ -26,6 +26,7 @@ import functools
 import importlib.resources
 import io
 import json
+import zipfile
 from pathlib import Path
 
 import jax
@@ -35,7 +36,7 @@ import numpy as np
 from jaxcrystal import geometry
 from jaxcrystal.errors import CheckpointError, ConfigError
 from jaxcrystal.models.cgcnn import CGCNN, FILL_DISTANCE, MAX_NEIGHBORS, RADIUS
-from jaxcrystal.predictors.base import Predictor
+from jaxcrystal.predictors.base import Predictor, check_variables
 
 FORMAT = "jaxcrystal-cgcnn-v1"
 EMBEDDED = (
@@ -72,13 +73,14 @@ def read_weights(path, name: str | None = None) -> tuple[dict, dict]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError) as exc:
+        metadata = json.loads(str(arrays.pop("__metadata__"))) if "__metadata__" in arrays else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"{name}: cannot read converted CGCNN weights ({exc})") from exc
-    if "__metadata__" not in arrays:
+    if metadata is None:
         raise CheckpointError(f"{name}: no '__metadata__' entry; not a jaxcrystal weights file")
-    metadata = json.loads(str(arrays.pop("__metadata__")))
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{name}: format {metadata.get('format')!r} is not {FORMAT!r} (not CGCNN weights?)")
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        found = metadata.get("format") if isinstance(metadata, dict) else None
+        raise CheckpointError(f"{name}: format {found!r} is not {FORMAT!r} (not CGCNN weights?)")
     variables: dict = {}
     for key, value in arrays.items():
         *parents, leaf = key.split("/")
@@ -135,6 +137,21 @@ def _apply(build, apply_with_graph, params, lattice, frac, species, mask):
     return apply_with_graph(params, build(lattice, frac, mask), lattice, frac, species, mask)
 
 
+def _module(metadata: dict, source) -> CGCNN:
+    try:
+        return CGCNN(**metadata["hyperparameters"], classification=metadata["task"] == "classification")
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{source}: metadata lacks valid CGCNN hyperparameters/task ({exc!r})") from exc
+
+
+def _expected_variables(module: CGCNN):
+    """Shapes of every variable collection of `module` (abstract `init` on a 2-atom crystal, nothing computed)."""
+    n, k = 2, MAX_NEIGHBORS
+    species, distances = jnp.zeros((1, n, 98)), jnp.zeros((1, n, k))
+    index, mask = jnp.zeros((1, n, k), jnp.int32), jnp.ones((1, n), bool)
+    return jax.eval_shape(module.init, jax.random.key(0), species, distances, index, mask)
+
+
 @functools.cache
 def _functions(module: CGCNN, box: tuple[int, int, int], chunks: tuple[int, int]):
     """(build_graph, apply_with_graph, apply) for one architecture and search setting; cached so that models
@@ -154,8 +171,17 @@ def load(source, config=None, **options) -> Predictor:
     box = geometry.normalize_box(options.get("image_box", 3))
     chunks = (int(options.get("atom_chunk", 32)), int(options.get("crystal_chunk", 8)))
     variables, metadata = _resolve(source)
-    module = CGCNN(**metadata["hyperparameters"], classification=metadata["task"] == "classification")
+    module = _module(metadata, source)
+    expected = _expected_variables(module)
+    unused = {"normalizer"} - set(expected)  # converted classifiers keep upstream's (unused) normalizer
+    check_variables({k: v for k, v in variables.items() if k not in unused}, expected, str(source))
     build, apply_with_graph, apply = _functions(module, box, chunks)
+
+    def host_graph(lattice, frac, mask):  # the box sized for the given cells, never smaller than `box`
+        needed = geometry.required_image_box(lattice, RADIUS)
+        sized = tuple(max(a, b) for a, b in zip(box, needed, strict=True))
+        return _functions(module, sized, chunks)[0](lattice, frac, mask)
+
     return Predictor(
         kind="cgcnn",
         name=metadata["name"],
@@ -164,5 +190,6 @@ def load(source, config=None, **options) -> Predictor:
         apply=apply,
         build_graph=build,
         apply_with_graph=apply_with_graph,
+        host_graph=host_graph,
         metadata={**metadata, "image_box": box, "atom_chunk": chunks[0], "crystal_chunk": chunks[1], "module": module},
     )

@@ -31,7 +31,7 @@ from jaxcrystal.models.crystalformer import (
     range_overflow,
     required_range,
 )
-from jaxcrystal.predictors.base import Predictor
+from jaxcrystal.predictors.base import Predictor, check_variables
 
 __all__ = ["load", "range_overflow", "required_range"]
 
@@ -93,6 +93,7 @@ def load(
     static_range = None if max_range is None else _normalize_range(max_range)
     params, metadata, path = _read_source(source, config)
     arch = CrystalformerConfig.from_dict(metadata["config"])
+    check_variables(params, _expected_params(arch), str(path))
     params = jax.tree.map(jnp.asarray, params)
     apply = make_apply(arch, truncation, gradient, chunk_size, static_range)
     return Predictor(
@@ -146,6 +147,14 @@ def make_apply(config: CrystalformerConfig, truncation="adaptive", gradient="exa
         return jitted(params, lattice, frac, species, mask, ranges)
 
     return apply
+
+
+def _expected_params(config: CrystalformerConfig):
+    """Parameter shapes of the architecture (abstract `init` on a one-atom crystal, nothing computed)."""
+    model = Crystalformer(config, truncation="fixed")
+    lattice, frac = jnp.eye(3)[None] * 4.0, jnp.zeros((1, 1, 3))
+    species, mask = jnp.zeros((1, 1, config.num_species)), jnp.ones((1, 1), bool)
+    return jax.eval_shape(model.init, jax.random.key(0), lattice, frac, species, mask)["params"]
 
 
 def _check_shapes(lattice, frac, species, mask, num_species):
