@@ -1,0 +1,150 @@
+"""The SMOACS optimization step and whole runs: compile time, step time, FLOPs/utilization, memory, successes.
+
+    python benchmarks/bench_optimize.py                         # 128 candidates x 200 steps, 1x1x1 and 3x3x3
+    python benchmarks/bench_optimize.py --steps 20 --structures perovskite --json opt.json --markdown
+
+The task is the paper's perovskite band-gap task (`bg_and_eform`, target 2.0 eV ± 0.2, E_form < -0.5 eV/atom,
+tolerance factor in [0.8, 1.0]) with the embedded CGCNN band-gap and formation-energy models. Per structure, in
+a fresh process (so that the peak RSS is the structure's own):
+  * the compiled loop exactly as `jaxcrystal.optimize` builds it: compile time of `init` and of one
+    `advance` segment (`--segment` steps in one `lax.scan`), the steady-state time per step (median over
+    `--repeats` segments), XLA's FLOPs per step (cost analysis counts the scan body once) and the utilization
+    against the float32 matmul rate measured in the same run;
+  * then the whole run, `jaxcrystal.optimize(..., steps=--steps)`: wall time (compilation, every step,
+    discretization, evaluation), steps/s of the run, and the success table (successes, unique and novel ones).
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+COLUMNS = [
+    ("structure", "structure", ""),
+    ("atoms", "N", "d"),
+    ("box", "image box", ""),
+    ("init_compile_s", "init compile s", ".1f"),
+    ("advance_compile_s", "scan compile s", ".1f"),
+    ("step_s", "step s", ".3f"),
+    ("step_gflop", "GFLOP/step", ".1f"),
+    ("step_util", "util %", ".0f"),
+    ("steps", "steps", "d"),
+    ("run_s", "run s", ".0f"),
+    ("run_steps_per_s", "run steps/s", ".2f"),
+    ("num_success", "successes", "d"),
+    ("num_unique_success", "unique", "d"),
+    ("num_novel_success", "novel", "d"),
+    ("peak_rss_mb", "peak RSS MB", ".0f"),
+]
+
+
+def measure_loop(structure: str, candidates: int, segment: int, repeats: int, rate: float) -> dict:
+    """Compile and steady-state figures of the compiled loop the driver builds for this structure."""
+    from jaxcrystal.smoacs import driver
+    from jaxcrystal.smoacs import parametrization as pz
+    from jaxcrystal.smoacs.problem import build_problem
+
+    config = driver.RunConfig(structure=structure, num_candidates=candidates, steps=200, seed=0).resolved()
+    pool = driver._templates(config)
+    engine = driver._Engine(config, pool)
+    problem, lengths, angles = build_problem(pool, config.max_patterns, config.radius_convention, 0)
+    problem = jax.tree.map(jnp.asarray, problem)
+    variables = pz.initial_variables(lengths, angles, problem)
+    loop, params, rng = engine.compiled, engine.params, jax.random.key(0)
+    row = {"box": "x".join(str(m) for m in engine.box), "atoms": int(problem.atom_mask.shape[1])}
+
+    start = time.perf_counter()
+    init = loop.init.lower(params, variables, problem, rng).compile()
+    row["init_compile_s"] = time.perf_counter() - start
+    state = init(params, variables, problem, rng)
+    lowered = loop.advance.lower(params, state, segment)
+    start = time.perf_counter()
+    advance = lowered.compile()
+    row["advance_compile_s"] = time.perf_counter() - start
+    flops = common.xla_flops(advance)  # the scan body once: one step
+    times = []
+    state, _ = jax.block_until_ready(advance(params, state))  # warm-up
+    for _ in range(repeats):
+        t = time.perf_counter()
+        state, _ = jax.block_until_ready(advance(params, state))
+        times.append((time.perf_counter() - t) / segment)
+    row["step_s"] = float(np.median(times))
+    row["step_min_s"] = float(np.min(times))
+    row["step_gflop"] = flops / 1e9
+    row["step_util"] = common.utilization(flops, row["step_min_s"], rate)
+    row["step_temp_mb"] = common.xla_temp_bytes(advance) / 2**20
+    return row
+
+
+def single(structure: str, args) -> dict:
+    import jaxcrystal
+
+    row = {"structure": structure, "candidates": args.candidates}
+    row.update(measure_loop(structure, args.candidates, args.segment, args.repeats, args.rate))
+    row["loop_peak_rss_mb"] = common.peak_rss_mb()
+    if args.steps > 0:
+        start = time.perf_counter()
+        result = jaxcrystal.optimize(
+            "bg_and_eform",
+            structure=structure,
+            num_candidates=args.candidates,
+            steps=args.steps,
+            seed=0,
+            progress=False,
+        )
+        row["steps"] = args.steps
+        row["run_s"] = time.perf_counter() - start
+        row["run_steps_per_s"] = args.steps / row["run_s"]
+        summary = {k: (float(v) if isinstance(v, np.floating) else v) for k, v in result.summary.items()}
+        row.update({k: v for k, v in summary.items() if k.startswith("num_") or k.endswith("_rate")})
+    row["peak_rss_mb"] = common.peak_rss_mb()
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--structures", nargs="+", default=["perovskite", "perovskite3x3x3"])
+    parser.add_argument("--candidates", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=200, help="steps of the whole run (0: loop figures only)")
+    parser.add_argument("--segment", type=int, default=5, help="steps per timed scan segment")
+    parser.add_argument("--repeats", type=int, default=3, help="timed segments")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--markdown", action="store_true", help="also print the table in Markdown")
+    parser.add_argument("--single", help=argparse.SUPPRESS)  # internal: one structure in this process
+    parser.add_argument("--rate", type=float, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.single:
+        import json
+
+        print(json.dumps(single(args.single, args), default=float))
+        return 0
+
+    info = common.machine()
+    rate = common.matmul_rate()
+    print(f"{info['date']}  {info['cpu']}, {info['cores']} cores, {info['memory_GiB']} GiB, jax {info['jax']}")
+    print(f"float32 matmul rate (1024², best of 10): {rate:.1f} GFLOP/s; load average {info['load_average_1min']:.1f}")
+    extra = ["--candidates", str(args.candidates), "--steps", str(args.steps), "--segment", str(args.segment)]
+    extra += ["--repeats", str(args.repeats), "--rate", str(rate)]
+    rows = []
+    for structure in args.structures:
+        row = common.run_isolated(os.path.abspath(__file__), structure, extra)
+        if "error" in row:
+            print(f"{structure}: failed: {row['error']}", flush=True)
+        rows.append(row)
+    common.print_table(rows, COLUMNS)
+    if args.markdown:
+        print(common.markdown_table(rows, COLUMNS))
+    common.write_json(args.json, {"machine": info, "matmul_gflops": rate, "args": vars(args), "results": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Shared benchmark machinery: test crystals, compile-vs-steady timing, XLA FLOPs, a matmul-rate probe,
+peak host memory per case (one subprocess per case), and table + JSON output.
+
+Conventions used by every script:
+  * compile time is `jit(...).lower(...).compile()` alone; the steady-state time is the median (and minimum) of
+    `repeats` calls of the compiled program after one warm-up call;
+  * FLOPs are what XLA's `cost_analysis()` reports for the compiled program (a loop body is counted once, so a
+    `lax.scan` of n steps reports one step);
+  * utilization = (FLOPs / steady time) / the float32 matmul rate measured in the same run (`matmul_rate`);
+  * the peak host memory of a case is the `ru_maxrss` of a fresh process that ran only that case.
+"""
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PEROVSKITE_FRAC = np.array([[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+SRTIO3 = (38, 22, 8, 8, 8)  # Z of the five perovskite sites (A, B, X, X, X)
+
+
+def parse_case(case: str) -> tuple[int, int, int]:
+    """'BxN' -> (B crystals, N atoms, n cells per axis) for perovskite supercells (N = 5 n³)."""
+    b, n = (int(v) for v in case.lower().split("x"))
+    cells = round((n / 5) ** (1 / 3))
+    if 5 * cells**3 != n:
+        raise SystemExit(f"case {case}: N must be 5 * cells³ (5, 40, 135, ...)")
+    return b, n, cells
+
+
+def perovskite_crystals(num_crystals: int, cells: int, seed: int = 0, soft: bool = True):
+    """`num_crystals` rattled ABX3 perovskite supercells (cells³ cells, a ≈ 3.9 Å per cell), float32.
+
+    Returns (lattice [B,3,3] Å rows, frac [B,N,3] in [0,1), species [B,N,98], mask [B,N], Z [N]).
+    `soft`: species are random soft distributions (what the optimizer feeds the models); otherwise one-hot SrTiO3.
+    """
+    rng = np.random.default_rng(seed)
+    shifts = np.stack(np.meshgrid(*[np.arange(cells)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    frac = ((PEROVSKITE_FRAC[None] + shifts[:, None]) / cells).reshape(-1, 3)
+    n = len(frac)
+    a = rng.uniform(3.7, 4.1, size=num_crystals) * cells
+    lattice = a[:, None, None] * np.eye(3) + rng.normal(scale=0.05, size=(num_crystals, 3, 3))
+    frac = (frac[None] + rng.normal(scale=0.01 / cells, size=(num_crystals, n, 3))) % 1.0
+    z = np.tile(np.asarray(SRTIO3), cells**3)
+    if soft:
+        species = np.asarray(jax.nn.softmax(rng.normal(size=(num_crystals, n, 98)) / 0.3, axis=-1))
+    else:
+        species = np.zeros((num_crystals, n, 98))
+        species[:, np.arange(n), z - 1] = 1.0
+    return (
+        jnp.asarray(lattice, jnp.float32),
+        jnp.asarray(frac, jnp.float32),
+        jnp.asarray(species, jnp.float32),
+        jnp.ones((num_crystals, n), bool),
+        z,
+    )
+
+
+def steady(fn, args, repeats: int = 3) -> dict:
+    """Median and minimum wall time (s) and CPU time (s, all threads) of `fn(*args)` after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    wall, cpu = [], []
+    for _ in range(repeats):
+        t, c = time.perf_counter(), time.process_time()
+        jax.block_until_ready(fn(*args))
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return {"median_s": statistics.median(wall), "min_s": min(wall), "cpu_s": statistics.median(cpu)}
+
+
+def compile_fn(fn, *args, static_argnums=()):
+    """(compiled, compile seconds, XLA FLOPs, XLA temporary bytes) of `jit(fn)` for these arguments."""
+    lowered = jax.jit(fn, static_argnums=static_argnums).lower(*args)
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - start
+    return compiled, seconds, xla_flops(compiled), xla_temp_bytes(compiled)
+
+
+def xla_flops(compiled) -> float:
+    """FLOPs of a compiled program from XLA's cost analysis (NaN when unavailable)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def xla_temp_bytes(compiled) -> float:
+    memory = compiled.memory_analysis()
+    return float(getattr(memory, "temp_size_in_bytes", float("nan"))) if memory is not None else float("nan")
+
+
+def matmul_rate(size: int = 1024, repeats: int = 10) -> float:
+    """Best float32 GFLOP/s of a jitted [size, size] @ [size, size] matmul (the machine's reachable rate)."""
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), jnp.float32)
+    f = jax.jit(lambda x: x @ x).lower(a).compile()
+    jax.block_until_ready(f(a))
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(f(a))
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best / 1e9
+
+
+def utilization(flops: float, seconds: float, rate_gflops: float) -> float:
+    """Achieved GFLOP/s over the measured matmul rate, in percent."""
+    return 100.0 * flops / seconds / 1e9 / rate_gflops
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MB (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> dict:
+    """A short description of the machine and software."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        memory_gb = float("nan")
+    return {
+        "date": datetime.date.today().isoformat(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_GiB": round(memory_gb, 1),
+        "platform": jax.devices()[0].platform,
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "load_average_1min": os.getloadavg()[0],
+    }
+
+
+def run_isolated(script: str, case: str, extra_args: list[str]) -> dict:
+    """Runs `script --single CASE ...` in a fresh interpreter and returns the JSON row it prints last.
+
+    One process per case gives each case its own peak-RSS figure (XLA never returns memory to the OS).
+    """
+    cmd = [sys.executable, script, "--single", case, *extra_args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return {"case": case, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """Prints rows as an aligned table; columns are (key, header, format spec)."""
+    header = [h for _, h, _ in columns]
+    cells = []
+    for row in rows:
+        line = []
+        for key, _, spec in columns:
+            value = row.get(key)
+            if value is None or (isinstance(value, float) and np.isnan(value)):
+                line.append("-")
+            else:
+                line.append(format(value, spec) if spec else str(value))
+        cells.append(line)
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
+    for line in cells:
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)), flush=True)
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """The same table in Markdown (for the README)."""
+    out = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        values = []
+        for key, _, spec in columns:
+            value = row.get(key)
+            missing = value is None or (isinstance(value, float) and np.isnan(value))
+            values.append("-" if missing else (format(value, spec) if spec else str(value)))
+        out.append("| " + " | ".join(values) + " |")
+    return "\n".join(out)
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=1, default=float)
