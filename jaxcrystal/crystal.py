@@ -277,7 +277,8 @@ def read_structure(path: str | Path) -> Structure:
     except StructureError:
         raise
     except Exception as err:  # pymatgen raises many types for malformed files
-        raise StructureError(f"{path}: cannot parse as {_kind(path)}: {err}") from None
+        hint = " (the file ends early: truncated?)" if isinstance(err, IndexError) else ""
+        raise StructureError(f"{path}: cannot parse as {_kind(path)}: {err}{hint}") from None
     try:
         CrystalBatch.from_structures([structure])
     except StructureError as err:

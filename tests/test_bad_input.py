@@ -66,8 +66,9 @@ def test_truncated_poscar_names_the_file(tmp_path):
     lines = poscar_lines()
     for cut in (3, 7, len(lines) - 1):  # inside the lattice, before the coordinates, one coordinate line missing
         path = write(tmp_path / f"cut{cut}.vasp", "\n".join(lines[:cut]) + "\n")
-        with pytest.raises(StructureError, match=re.escape(f"{path}: cannot parse as POSCAR")):
+        with pytest.raises(StructureError, match=re.escape(f"{path}: cannot parse as POSCAR")) as info:
             read_structure(path)
+        assert cut == 7 or "truncated?" in str(info.value)
 
 
 def test_malformed_and_truncated_cif_name_the_file(tmp_path):
@@ -330,7 +331,7 @@ def test_checkpoint_of_the_wrong_model_kind(tmp_path):
         load_predictor("alignn", RANDOM_CGCNN)
     crystalformer = shared_path("fixtures", "crystalformer", "random_bandgap.ckpt")
     with pytest.raises(
-        CheckpointError, match=r"random_bandgap\.ckpt: state_dict has no 'embedding.weight'; not a CGCNN"
+        CheckpointError, match=re.escape(f"{crystalformer}: state_dict has no 'embedding.weight'; not a CGCNN")
     ):
         load_predictor("cgcnn", crystalformer)
     config = shared_path("fixtures", "crystalformer", "default.json")
@@ -341,7 +342,7 @@ def test_checkpoint_of_the_wrong_model_kind(tmp_path):
 def test_corrupted_zip_checkpoints(tmp_path):
     data = RANDOM_CGCNN.read_bytes()
     truncated = write(tmp_path / "truncated.pth.tar", data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"truncated\.pth\.tar: corrupted or truncated checkpoint"):
+    with pytest.raises(CheckpointError, match=re.escape(f"{truncated}: corrupted or truncated checkpoint")):
         load_predictor("cgcnn", truncated)
     flipped = bytearray(data)
     start = data.index(b"data/0") + 200  # inside the first stored tensor

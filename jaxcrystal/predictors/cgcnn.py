@@ -106,7 +106,7 @@ def _resolve(source) -> tuple[dict, dict]:
         return read_weights(path)
     from converters.cgcnn import converted_bytes  # upstream checkpoints only: the torch-free reader
 
-    blob, _ = converted_bytes(path.read_bytes(), path.name)
+    blob, _ = converted_bytes(path.read_bytes(), str(path))
     return read_weights(io.BytesIO(blob), name=str(path))
 
 
