@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from jaxcrystal import presets
-from jaxcrystal.errors import JaxCrystalError
+from jaxcrystal.errors import ConfigError, JaxCrystalError
 from jaxcrystal.smoacs.driver import RunConfig, optimize, resume
 
 
@@ -19,9 +19,9 @@ def _weights(items: list[str]) -> dict:
     for item in items or []:
         prop, sep, source = item.partition("=")
         if not sep or not prop or not source:
-            raise JaxCrystalError(f"--weights expects PROPERTY=PATH (e.g. band_gap=model.ckpt), got {item!r}")
+            raise ConfigError(f"--weights expects PROPERTY=PATH (e.g. band_gap=model.ckpt), got {item!r}")
         if prop in out:
-            raise JaxCrystalError(f"--weights gives {prop!r} twice")
+            raise ConfigError(f"--weights gives {prop!r} twice")
         out[prop] = source
     return out
 
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
             changed = [a for a in vars(args) if a not in ("resume", "quiet") and getattr(args, a) != p.get_default(a)]
             if changed:
                 flags = ", ".join("--" + a.replace("_", "-") for a in changed)
-                raise JaxCrystalError(f"--resume takes every option from {args.resume}/config.json; drop {flags}")
+                raise ConfigError(f"--resume takes every option from {args.resume}/config.json; drop {flags}")
             result = resume(args.resume, progress=not args.quiet)
         else:
             result = run(args)

@@ -137,16 +137,22 @@ class OptimizationResult:
     out: Path | None
 
 
-def load_property_models(config: RunConfig, image_box=None) -> dict:
+def load_property_models(config: RunConfig, reach=None, image_box=None) -> dict:
     """Property name -> `PropertyModel` for the task's main and second properties.
 
-    image_box: static periodic-image box of the in-graph neighbour search of CGCNN predictors (None: default).
+    Args:
+      config: the run configuration.
+      reach: [K, 3, 3] lattices bounding the smallest cells the run can visit; static periodic ranges are sized
+        from them (graph predictors' neighbour-search box, Crystalformer's adaptive-box bound). None: defaults.
+      image_box: override of the neighbour-search box (the optimizer enlarges it after an overflow).
     """
     task = presets.TASK_SPECS[config.task]
     needed = [task.main, task.second]
     unknown = set(config.weights) - set(presets.PROPERTIES)
     if unknown:
         raise ConfigError(f"--weights names unknown properties {sorted(unknown)}; known: {sorted(presets.PROPERTIES)}")
+    if image_box is None and reach is not None:
+        image_box = required_image_box(reach, NEIGHBOR_CUTOFF)
     models = {}
     for prop in needed:
         units, description = presets.PROPERTIES[prop]
@@ -154,13 +160,12 @@ def load_property_models(config: RunConfig, image_box=None) -> dict:
             source = config.weights[prop]
             kind, _, path = source.partition(":") if source.split(":", 1)[0] in presets.MODELS else ("", "", "")
             kind, path = (kind, path) if kind else (config.model, source)
-            options = {"image_box": image_box} if kind == "cgcnn" and image_box else {}
-            predictor = load_predictor(kind, path, config=config.model_config, **options)
+            predictor = _load_sized(kind, path, config.model_config, reach, image_box)
             models[prop] = PropertyModel(prop, predictor, None, units)
         elif config.model == "cgcnn" and prop in EMBEDDED:
             name, transform = EMBEDDED[prop]
-            options = {"image_box": image_box} if image_box else {}
-            models[prop] = PropertyModel(prop, load_predictor("cgcnn", name, **options), transform, units)
+            predictor = _load_sized("cgcnn", name, None, reach, image_box)
+            models[prop] = PropertyModel(prop, predictor, transform, units)
         elif prop == task.second and config.second_coef == 0 and config.second_max is None:
             continue  # not optimized and not judged
         else:
@@ -170,6 +175,20 @@ def load_property_models(config: RunConfig, image_box=None) -> dict:
                 f"on {description})"
             )
     return models
+
+
+def _load_sized(kind: str, source, model_config, reach, image_box):
+    """`load_predictor` with the static periodic range each kind needs for the cells of `reach`."""
+    if kind in ("cgcnn", "alignn"):
+        options = {"image_box": image_box} if image_box else {}
+        return load_predictor(kind, source, config=model_config, **options)
+    predictor = load_predictor(kind, source, config=model_config)
+    if kind == "crystalformer" and reach is not None:
+        from jaxcrystal.models.crystalformer import required_range
+
+        max_range = required_range(np.asarray(reach), predictor.metadata["config"])
+        predictor = load_predictor(kind, source, config=model_config, max_range=max_range)
+    return predictor
 
 
 def _templates(config: RunConfig) -> templates.Templates:
@@ -185,7 +204,7 @@ def _templates(config: RunConfig) -> templates.Templates:
 
 def _loop_config(config: RunConfig, models: dict, pool: templates.Templates) -> LoopConfig:
     task = presets.TASK_SPECS[config.task]
-    row_name, row = presets.hyper_row(config.model, config.task, config.structure)
+    _, row = presets.hyper_row(config.model, config.task, config.structure)
     perovskite = pool.family == "perovskite"
     n = pool.supercell
     if perovskite:
@@ -224,7 +243,7 @@ def _loop_config(config: RunConfig, models: dict, pool: templates.Templates) -> 
         graph_refresh=refresh,
         main_property=task.main,
         second_property=task.second if task.second in models else None,
-    ), row_name
+    )
 
 
 def criteria_for(config: RunConfig, loop: LoopConfig) -> Criteria:
@@ -291,9 +310,10 @@ def resume(out: str | Path, progress: bool = True) -> OptimizationResult:
 
 def _execute(config: RunConfig, out, overwrite: bool, progress: bool, resume: bool) -> OptimizationResult:
     pool = _templates(config)
-    engine = _Engine(config, pool)
-    record = dataclasses.asdict(config) | {"hyper_parameters": engine.row_name}
+    row_name, _ = presets.hyper_row(config.model, config.task, config.structure)
+    record = dataclasses.asdict(config) | {"hyper_parameters": row_name}
     writer = ResultWriter(out, record, overwrite=overwrite) if out is not None else None
+    engine = _Engine(config, pool)
     checkpoints = None
     if out is not None:
         if not resume:
@@ -342,13 +362,14 @@ class _Engine:
 
     def __init__(self, config: RunConfig, pool: templates.Templates):
         self.config = config
-        self._build(_initial_box(config, pool), pool)
+        self.reach = _reach(pool)
+        self._build(required_image_box(self.reach, NEIGHBOR_CUTOFF), pool)
 
     def _build(self, box, pool=None):
         self.box = box
-        self.models = load_property_models(self.config, image_box=box)
+        self.models = load_property_models(self.config, self.reach, image_box=box)
         if pool is not None:
-            self.loop, self.row_name = _loop_config(self.config, self.models, pool)
+            self.loop = _loop_config(self.config, self.models, pool)
             self.criteria = criteria_for(self.config, self.loop)
         self.params = {name: m.predictor.params for name, m in self.models.items()}
         self.compiled = make_loop(self.models, self.loop)
@@ -405,6 +426,12 @@ class _Engine:
                 return state, _stack(parts)
             lattice = np.asarray(pz.decode_lattice(state.variables, state.problem, self.loop.geometry))
             needed = required_image_box(lattice[overflow], NEIGHBOR_CUTOFF)
+            if all(n <= m for n, m in zip(needed, self.box, strict=True)):
+                raise ConfigError(
+                    f"{label}: candidates {np.flatnonzero(overflow).tolist()} overflow a graph predictor's static "
+                    f"capacities (not its image box {self.box}): load it with larger capacities (ALIGNN: the "
+                    "`degree` / `neighbor_capacity` options)"
+                )
             box = tuple(max(m + 1, n) for m, n in zip(self.box, needed, strict=True))
             if progress:
                 _say(
@@ -421,14 +448,17 @@ def _stack(parts: list[dict]) -> dict:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def _initial_box(config: RunConfig, pool: templates.Templates):
-    """Neighbour-search box for every cell the run can reach (perovskites), or the templates' cells (general)."""
-    if not any(m.predictor.is_graph_model for m in load_property_models(config).values()):
-        return None
-    if pool.family == "perovskite":  # orthogonal cells, lengths >= the lower bound of the length range
+def _reach(pool: templates.Templates) -> np.ndarray:
+    """[K, 3, 3] lattices bounding the smallest cells a run can visit.
+
+    Perovskites: orthogonal cells with every length at least the lower bound of the length range (exact bound).
+    General templates: the templates' own cells (cells that shrink below them trip the overflow flag of the graph
+    predictors, which then rerun the batch with a bigger box).
+    """
+    if pool.family == "perovskite":
         low = 2.0 * pool.supercell
-        return required_image_box(np.diag([low, low, low])[None], NEIGHBOR_CUTOFF)
-    return required_image_box(np.array([s.lattice.matrix for s in pool.structures]), NEIGHBOR_CUTOFF)
+        return np.diag([low, low, low])[None]
+    return np.array([s.lattice.matrix for s in pool.structures])
 
 
 def _say(message: str) -> None:
