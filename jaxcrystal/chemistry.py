@@ -108,9 +108,7 @@ def oxidation_mask(state: int, state_set: str = "super_common") -> np.ndarray:
     return np.array([int(state) in states for states in _state_table(state_set)])
 
 
-def shannon_radius(
-    element, state: int, coordination: str, kind: str = "ionic", spin: str | None = None
-) -> float:
+def shannon_radius(element, state: int, coordination: str, kind: str = "ionic", spin: str | None = None) -> float:
     """Shannon (1976) radius in Å of an ion at a coordination number in Roman numerals ("VI", "XII", "IVSQ").
 
     kind: "ionic" or "crystal" (crystal = ionic + 0.14 Å for cations, - 0.14 Å for anions).
@@ -122,9 +120,7 @@ def shannon_radius(
     by_cn = _data()["elements"][sym]["shannon"].get(str(int(state)), {})
     if coordination not in by_cn:
         listed = ", ".join(by_cn) or "none"
-        raise ElementError(
-            f"no Shannon radius for {sym}{int(state):+d} at CN {coordination} (tabulated: {listed})"
-        )
+        raise ElementError(f"no Shannon radius for {sym}{int(state):+d} at CN {coordination} (tabulated: {listed})")
     by_spin = by_cn[coordination]
     if spin is None:
         spin = "High Spin" if "High Spin" in by_spin else next(iter(by_spin))
@@ -218,9 +214,7 @@ def _neutral_multisets(counts: list[tuple[int, int]], state_set: str) -> Iterato
     def feasible(e: int, i: int, k: int, target: int) -> bool:
         return any(target - x in tails[e + 1] for x in sums(e, i, k))
 
-    def walk(
-        e: int, i: int, k: int, partial: int, chosen: tuple[tuple[int, ...], ...], current: tuple[int, ...]
-    ):
+    def walk(e: int, i: int, k: int, partial: int, chosen: tuple[tuple[int, ...], ...], current: tuple[int, ...]):
         if k == 0:
             if e + 1 == len(counts):
                 yield (*chosen, current)
@@ -318,9 +312,7 @@ def is_neutral(elements, state_set: str = "super_common", perovskite: bool = Fal
     if n_atoms % 5:
         return False
     return any(
-        _perovskite_feasible(
-            counts, state_set, Counter({s: c * (n_atoms // 5) for s, c in Counter(unit).items()})
-        )
+        _perovskite_feasible(counts, state_set, Counter({s: c * (n_atoms // 5) for s, c in Counter(unit).items()}))
         for unit in PEROVSKITE_FORMULA_STATES
     )
 
@@ -338,18 +330,14 @@ def perovskite_patterns(sites: Sequence[str]) -> np.ndarray:
 def _pattern_array(patterns, max_patterns: int | None) -> tuple[np.ndarray, int]:
     p = np.asarray(patterns)
     if p.ndim != 2 or p.shape[0] == 0 or p.shape[1] == 0 or not np.issubdtype(p.dtype, np.integer):
-        raise StructureError(
-            f"patterns must be a non-empty [P, n] integer array, got shape {p.shape} {p.dtype}"
-        )
+        raise StructureError(f"patterns must be a non-empty [P, n] integer array, got shape {p.shape} {p.dtype}")
     k = p.shape[0] if max_patterns is None else max_patterns
     if p.shape[0] > k:
         raise ConfigError(f"{p.shape[0]} oxidation patterns do not fit in max_patterns={k}")
     return p.astype(np.int64), k
 
 
-def site_element_masks(
-    patterns, max_patterns: int | None = None, table: str = "general", convention: str = "shannon"
-):
+def site_element_masks(patterns, max_patterns: int | None = None, table: str = "general", convention: str = "shannon"):
     """Per-site element masks of oxidation patterns (SMOACS M and u, §1.4, §2.4).
 
     patterns: [P, n] int states per pattern and atom (`neutral_patterns`, `perovskite_patterns`).
@@ -366,9 +354,7 @@ def site_element_masks(
         for i, state in enumerate(row):
             mask[i, :, k] = lookup(int(state))
             if not mask[i, :, k].any():
-                raise StructureError(
-                    f"pattern {k}, atom {i}: no element of the {table} table takes state {state:+d}"
-                )
+                raise StructureError(f"pattern {k}, atom {i}: no element of the {table} table takes state {state:+d}")
     return mask, np.arange(k_max) < p.shape[0]
 
 
@@ -397,9 +383,7 @@ def tolerance_factor(r_a, r_b, r_x):
     return (r_a + r_x) / (2.0**0.5 * (r_b + r_x))
 
 
-def perovskite_tolerance(
-    a, b, x, states: tuple[int, int, int] = (2, 4, -2), convention: str = "shannon"
-) -> float:
+def perovskite_tolerance(a, b, x, states: tuple[int, int, int] = (2, 4, -2), convention: str = "shannon") -> float:
     """Tolerance factor of the perovskite ABX3 with the given (A, B, X) oxidation states (`site_radius`)."""
     radii = [site_radius(el, s, site, convention) for el, s, site in zip((a, b, x), states, "ABX", strict=True)]
     return float(tolerance_factor(*radii))
