@@ -72,9 +72,7 @@ def _from_installed(distributions: tuple[str, ...], members: tuple[str, ...]) ->
                     member,
                     Path(dist.locate_file(member)).read_bytes(),
                 )
-    raise SystemExit(
-        f"no installed {' / '.join(distributions)} holds {members}: pass the path of a downloaded wheel"
-    )
+    raise SystemExit(f"no installed {' / '.join(distributions)} holds {members}: pass the path of a downloaded wheel")
 
 
 def _source(meta: dict, member: str, raw: bytes) -> dict:
@@ -181,9 +179,7 @@ def main(argv=None) -> None:
         if args.pymatgen
         else _from_installed(PYMATGEN_DISTS, PYMATGEN_MEMBERS)
     )
-    smact = (
-        _from_wheel(args.smact, (SMACT_MEMBER,)) if args.smact else _from_installed(("smact",), (SMACT_MEMBER,))
-    )
+    smact = _from_wheel(args.smact, (SMACT_MEMBER,)) if args.smact else _from_installed(("smact",), (SMACT_MEMBER,))
     table = build(pmg, smact)
     args.out.write_text(_dumps(table))
     for name, src in table["sources"].items():

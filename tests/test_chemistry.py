@@ -271,9 +271,7 @@ def test_shannon_crystal_radii_are_ionic_plus_minus_0_14():
 
 def test_site_radius_fallback_to_nearest_coordination():
     assert chemistry.site_radius("Li", 1, "A") == chemistry.shannon_radius("Li", 1, "VIII")  # no CN XII for Li+
-    assert chemistry.site_radius("N", -3, "X") == chemistry.shannon_radius(
-        "N", -3, "IV"
-    )  # only CN IV tabulated
+    assert chemistry.site_radius("N", -3, "X") == chemistry.shannon_radius("N", -3, "IV")  # only CN IV tabulated
     with pytest.raises(ElementError):
         chemistry.site_radius("Sn", 2, "A")  # no Shannon radius for Sn2+
     with pytest.raises(ConfigError):
@@ -295,12 +293,8 @@ def test_tolerance_factor_srtio3_batio3():
     c = SHANNON_CRYSTAL_VI
     s_sto = _goldschmidt(c["Sr", 2], c["Ti", 4], c["O", -2])
     s_bto = _goldschmidt(c["Ba", 2], c["Ti", 4], c["O", -2])
-    assert chemistry.perovskite_tolerance("Sr", "Ti", "O", convention="smoacs") == pytest.approx(
-        s_sto, rel=1e-12
-    )
-    assert chemistry.perovskite_tolerance("Ba", "Ti", "O", convention="smoacs") == pytest.approx(
-        s_bto, rel=1e-12
-    )
+    assert chemistry.perovskite_tolerance("Sr", "Ti", "O", convention="smoacs") == pytest.approx(s_sto, rel=1e-12)
+    assert chemistry.perovskite_tolerance("Ba", "Ti", "O", convention="smoacs") == pytest.approx(s_bto, rel=1e-12)
     assert round(s_sto, 2) == 0.91 and round(s_bto, 2) == 0.97  # reference/smoacs.md §4.4
 
 

@@ -133,20 +133,14 @@ def test_lattice_parameter_gradient_matches_finite_differences():
         fd = np.array([(f(x0.at[i].add(h)) - f(x0.at[i].add(-h))) / (2 * h) for i in range(6)])
         np.testing.assert_allclose(grad, fd, rtol=1e-7, atol=1e-9)
         # and the inverse map
-        g_inv = jax.jacfwd(
-            lambda x: jnp.concatenate(lattice_to_parameters(lattice_from_parameters(x[:3], x[3:])))
-        )(x0)
+        g_inv = jax.jacfwd(lambda x: jnp.concatenate(lattice_to_parameters(lattice_from_parameters(x[:3], x[3:]))))(x0)
         np.testing.assert_allclose(g_inv, np.eye(6), atol=1e-8)
 
 
 def test_validation_errors_name_the_problem(tmp_path):
-    good = CrystalBatch.from_structures(
-        [Structure(Lattice.cubic(4), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])]
-    )
+    good = CrystalBatch.from_structures([Structure(Lattice.cubic(4), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])])
     with pytest.raises(StructureError, match="volume"):
-        CrystalBatch.from_structures(
-            [Structure(Lattice([[1, 0, 0], [2, 0, 0], [0, 0, 1]]), ["Na"], [[0, 0, 0]])]
-        )
+        CrystalBatch.from_structures([Structure(Lattice([[1, 0, 0], [2, 0, 0], [0, 0, 1]]), ["Na"], [[0, 0, 0]])])
     from jaxcrystal.crystal import validate
 
     with pytest.raises(StructureError, match="NaN"):

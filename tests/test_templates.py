@@ -22,11 +22,7 @@ def test_perovskite_sites_and_coordination(n):
     a = 4.0
     structure, roles = templates.perovskite_cell((a, a, a), supercell=n)
     assert len(structure) == 5 * n**3
-    assert (
-        (roles == SITE_A).sum() == n**3
-        and (roles == SITE_B).sum() == n**3
-        and (roles == SITE_X).sum() == 3 * n**3
-    )
+    assert (roles == SITE_A).sum() == n**3 and (roles == SITE_B).sum() == n**3 and (roles == SITE_X).sum() == 3 * n**3
     # B: octahedral, 6 X at a/2; A: cuboctahedral, 12 X at a/sqrt(2); nothing closer.
     np.testing.assert_array_equal(_coordination(structure, roles, SITE_B, a / 2 + 0.01), 6)
     np.testing.assert_array_equal(_coordination(structure, roles, SITE_A, a / 2 + 0.01), 0)
