@@ -43,6 +43,7 @@ import numpy as np
 
 from converters.torch_reader import read_torch_checkpoint
 from jaxcrystal.errors import CheckpointError, ConfigError
+from jaxcrystal.weights_file import read_weights_file
 
 FORMAT = "jaxcrystal-alignn-v1"
 
@@ -360,24 +361,7 @@ def weights_bytes(variables: dict, metadata: dict) -> bytes:
 
 def read_weights(path) -> tuple[dict, dict]:
     """Reads converted ALIGNN weights -> (nested variables of numpy arrays, metadata)."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"{path}: cannot read converted ALIGNN weights ({exc})") from exc
-    if "__metadata__" not in arrays:
-        raise CheckpointError(f"{path}: no '__metadata__' entry; not jaxcrystal weights")
-    metadata = json.loads(str(arrays.pop("__metadata__")))
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {metadata.get('format')!r} is not {FORMAT!r}")
-    variables: dict = {}
-    for key, value in arrays.items():
-        *parents, leaf = key.split("/")
-        node = variables
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return variables, metadata
+    return read_weights_file(path, FORMAT)
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import json
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ import numpy as np
 from converters.torch_reader import read_torch_checkpoint
 from jaxcrystal.errors import CheckpointError, ConfigError
 from jaxcrystal.models.crystalformer import CrystalformerConfig
+from jaxcrystal.weights_file import read_weights_file
 
 FORMAT = "jaxcrystal-crystalformer-v1"
 SWA_PREFIX = "swa_model.module."
@@ -221,27 +221,7 @@ def save_converted(params: dict, metadata: dict, out) -> Path:
 
 def load_converted(path) -> tuple[dict, dict]:
     """Reads `save_converted` output → (params, metadata)."""
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if "__metadata__" not in data.files:
-                raise CheckpointError(f"{path}: not converted Crystalformer weights (no '__metadata__')")
-            metadata = json.loads(str(data["__metadata__"]))
-            flat = {key: data[key] for key in data.files if key != "__metadata__"}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        if isinstance(err, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: cannot read converted weights ({err})") from err
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {metadata.get('format')!r}, expected {FORMAT!r}")
-    params: dict = {}
-    for key, value in flat.items():
-        node = params
-        *parents, leaf = key.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return params, metadata
+    return read_weights_file(Path(path), FORMAT)
 
 
 def main(argv=None) -> int:

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import jax
 import pytest
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -14,3 +15,12 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not available (the ../shared folder is only present in the development setup)")
     return path
+
+
+@pytest.fixture
+def x64():
+    """Runs the test with float64 enabled, restoring the previous setting afterwards."""
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", previous)

@@ -53,14 +53,6 @@ def converted():
     return {k: conv.convert(shared_path("fixtures", "alignn", v)) for k, v in CKPTS.items()}
 
 
-@pytest.fixture
-def x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
 def batch_inputs(data, names, dtype, ff=False):
     """Padded batch of fixture crystals with their *reference* graphs (frozen topology)."""
     pre = "ff_" if ff else ""

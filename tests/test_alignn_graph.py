@@ -24,14 +24,6 @@ def data():
         return {k: npz[k] for k in npz.files}
 
 
-@pytest.fixture
-def x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
 def edge_keys(src, dst, image):
     return list(
         zip(np.asarray(src).tolist(), np.asarray(dst).tolist(), map(tuple, np.asarray(image).tolist()), strict=True)

@@ -35,14 +35,6 @@ MODELS = ("band-gap", "formation-energy-per-atom", "bulk-moduli", "random")
 TIE_DEPENDENT = "srtio3_cubic5"
 
 
-@pytest.fixture
-def x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
 @functools.cache
 def predictor(model):
     source = FIXTURES / "cgcnn" / "random_cgcnn.npz" if model == "random" else model

@@ -26,14 +26,6 @@ ACT_CASES = ("triclinic11", "tiny_rhombo")
 SMALL_RANGE = 4  # adaptive box bound covering tiny_rhombo (interplanar spacing 1.80 Å)
 
 
-@pytest.fixture
-def x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
 def fixture_file(name):
     return shared_path("fixtures", "crystalformer", name)
 

@@ -13,14 +13,6 @@ CASES = np.load(FIXTURES / "cgcnn" / "cases_small.npz")
 NAMES = [str(n) for n in CASES["case_names"]]
 
 
-@pytest.fixture
-def x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
 def case(name):
     return CASES[f"{name}__lattice"], CASES[f"{name}__frac"]
 

@@ -25,18 +25,16 @@ LogSoftmax head.
 import functools
 import importlib.resources
 import io
-import json
-import zipfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxcrystal import geometry
 from jaxcrystal.errors import CheckpointError, ConfigError
 from jaxcrystal.models.cgcnn import CGCNN, FILL_DISTANCE, MAX_NEIGHBORS, RADIUS
 from jaxcrystal.predictors.base import Predictor, check_variables
+from jaxcrystal.weights_file import read_weights_file
 
 FORMAT = "jaxcrystal-cgcnn-v1"
 EMBEDDED = (
@@ -65,30 +63,11 @@ def weights_dir() -> Path:
 
 
 def read_weights(path, name: str | None = None) -> tuple[dict, dict]:
-    """Reads converted weights (a path or a binary file object; `name` for messages).
+    """Reads converted CGCNN weights (a path or a binary file object; `name` for messages).
 
     Returns (variables as nested dicts of numpy arrays, metadata dict).
     """
-    name = name or str(path)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-        metadata = json.loads(str(arrays.pop("__metadata__"))) if "__metadata__" in arrays else None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"{name}: cannot read converted CGCNN weights ({exc})") from exc
-    if metadata is None:
-        raise CheckpointError(f"{name}: no '__metadata__' entry; not a jaxcrystal weights file")
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        found = metadata.get("format") if isinstance(metadata, dict) else None
-        raise CheckpointError(f"{name}: format {found!r} is not {FORMAT!r} (not CGCNN weights?)")
-    variables: dict = {}
-    for key, value in arrays.items():
-        *parents, leaf = key.split("/")
-        node = variables
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return variables, metadata
+    return read_weights_file(path, FORMAT, name)
 
 
 def _resolve(source) -> tuple[dict, dict]:
