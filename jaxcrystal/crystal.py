@@ -142,6 +142,20 @@ def concatenate(batches: Sequence[CrystalBatch]) -> CrystalBatch:
     return CrystalBatch(*(np.concatenate([np.asarray(p[k]) for p in padded]) for k in range(4)))
 
 
+def check_shapes(lattice, frac, species, mask, num_species: int = NUM_ELEMENTS) -> None:
+    """Raises `StructureError` unless the shapes are [B, 3, 3], [B, N, 3], [B, N, num_species], [B, N]."""
+    if lattice.ndim != 3 or lattice.shape[1:] != (3, 3):
+        raise StructureError(f"lattice must have shape [B, 3, 3], got {lattice.shape}")
+    b = lattice.shape[0]
+    if frac.ndim != 3 or frac.shape[0] != b or frac.shape[2] != 3:
+        raise StructureError(f"frac must have shape [B={b}, N, 3], got {frac.shape}")
+    n = frac.shape[1]
+    if species.shape != (b, n, num_species):
+        raise StructureError(f"species must have shape [{b}, {n}, {num_species}], got {species.shape}")
+    if mask.shape != (b, n):
+        raise StructureError(f"mask must have shape [{b}, {n}], got {mask.shape}")
+
+
 def validate(batch: CrystalBatch) -> None:
     """Raises `StructureError` naming the problem if a (host) batch is malformed.
 
@@ -150,16 +164,8 @@ def validate(batch: CrystalBatch) -> None:
     values are ignored, but NaN would leak through masked arithmetic); every crystal has an atom.
     """
     lattice, frac, species, mask = (np.asarray(x) for x in batch)
-    if lattice.ndim != 3 or lattice.shape[1:] != (3, 3):
-        raise StructureError(f"lattice must have shape [B, 3, 3], got {lattice.shape}")
+    check_shapes(lattice, frac, species, mask)
     b = lattice.shape[0]
-    if frac.ndim != 3 or frac.shape[0] != b or frac.shape[2] != 3:
-        raise StructureError(f"frac must have shape [B={b}, N, 3], got {frac.shape}")
-    n = frac.shape[1]
-    if species.shape != (b, n, NUM_ELEMENTS):
-        raise StructureError(f"species must have shape [{b}, {n}, {NUM_ELEMENTS}], got {species.shape}")
-    if mask.shape != (b, n):
-        raise StructureError(f"mask must have shape [{b}, {n}], got {mask.shape}")
     for i in range(b):
         if not np.all(np.isfinite(lattice[i])):
             raise StructureError(f"crystal {i}: lattice contains NaN or inf")

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from converters.crystalformer import DEFAULT_FILENAME, convert_checkpoint, load_converted
-from jaxcrystal.errors import CheckpointError, ConfigError, StructureError
+from jaxcrystal.crystal import check_shapes
+from jaxcrystal.errors import CheckpointError, ConfigError
 from jaxcrystal.models.crystalformer import (
     GRADIENTS,
     TRUNCATIONS,
@@ -130,7 +131,7 @@ def make_apply(config: CrystalformerConfig, truncation="adaptive", gradient="exa
     def apply(params, lattice, frac, species, mask):
         lattice, frac, species = (jnp.asarray(a) for a in (lattice, frac, species))
         mask = jnp.asarray(mask, bool)
-        _check_shapes(lattice, frac, species, mask, config.num_species)
+        check_shapes(lattice, frac, species, mask, config.num_species)
         dtype = jnp.result_type(lattice, frac, species, jnp.float32)
         lattice, frac, species = (a.astype(dtype) for a in (lattice, frac, species))
         params = jax.tree.map(lambda a: a.astype(dtype), params)
@@ -155,16 +156,3 @@ def _expected_params(config: CrystalformerConfig):
     lattice, frac = jnp.eye(3)[None] * 4.0, jnp.zeros((1, 1, 3))
     species, mask = jnp.zeros((1, 1, config.num_species)), jnp.ones((1, 1), bool)
     return jax.eval_shape(model.init, jax.random.key(0), lattice, frac, species, mask)["params"]
-
-
-def _check_shapes(lattice, frac, species, mask, num_species):
-    if lattice.ndim != 3 or lattice.shape[1:] != (3, 3):
-        raise StructureError(f"lattice must be [B, 3, 3], got {lattice.shape}")
-    batch = lattice.shape[0]
-    if frac.ndim != 3 or frac.shape[0] != batch or frac.shape[2] != 3:
-        raise StructureError(f"frac must be [B={batch}, N, 3], got {frac.shape}")
-    atoms = frac.shape[1]
-    if species.shape != (batch, atoms, num_species):
-        raise StructureError(f"species must be [B={batch}, N={atoms}, {num_species}], got {species.shape}")
-    if mask.shape != (batch, atoms):
-        raise StructureError(f"mask must be [B={batch}, N={atoms}], got {mask.shape}")
