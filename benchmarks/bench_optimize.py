@@ -9,7 +9,7 @@ a fresh process (so that the peak RSS is the structure's own):
   * the compiled loop exactly as `jaxcrystal.optimize` builds it: compile time of `init` and of one
     `advance` segment (`--segment` steps in one `lax.scan`), the steady-state time per step (median over
     `--repeats` segments), XLA's FLOPs per step (cost analysis counts the scan body once) and the utilization
-    against the float32 matmul rate measured in the same run;
+    against the float32 matmul rate measured in the same process just before;
   * then the whole run, `jaxcrystal.optimize(..., steps=--steps)`: wall time (compilation, every step,
     discretization, evaluation), steps/s of the run, and the success table (successes, unique and novel ones).
 """
@@ -35,6 +35,7 @@ COLUMNS = [
     ("advance_compile_s", "scan compile s", ".1f"),
     ("step_s", "step s", ".3f"),
     ("step_gflop", "GFLOP/step", ".1f"),
+    ("matmul_gflops", "matmul GFLOP/s", ".0f"),
     ("step_util", "util %", ".0f"),
     ("steps", "steps", "d"),
     ("run_s", "run s", ".0f"),
@@ -87,8 +88,9 @@ def measure_loop(structure: str, candidates: int, segment: int, repeats: int, ra
 def single(structure: str, args) -> dict:
     import jaxcrystal
 
-    row = {"structure": structure, "candidates": args.candidates}
-    row.update(measure_loop(structure, args.candidates, args.segment, args.repeats, args.rate))
+    rate = common.matmul_rate()  # measured again next to the case: the rate a busy machine gives now
+    row = {"structure": structure, "candidates": args.candidates, "matmul_gflops": rate}
+    row.update(measure_loop(structure, args.candidates, args.segment, args.repeats, rate))
     row["loop_peak_rss_mb"] = common.peak_rss_mb()
     if args.steps > 0:
         start = time.perf_counter()
@@ -119,7 +121,6 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--markdown", action="store_true", help="also print the table in Markdown")
     parser.add_argument("--single", help=argparse.SUPPRESS)  # internal: one structure in this process
-    parser.add_argument("--rate", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.single:
         import json
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
     print(f"{info['date']}  {info['cpu']}, {info['cores']} cores, {info['memory_GiB']} GiB, jax {info['jax']}")
     print(f"float32 matmul rate (1024², best of 10): {rate:.1f} GFLOP/s; load average {info['load_average_1min']:.1f}")
     extra = ["--candidates", str(args.candidates), "--steps", str(args.steps), "--segment", str(args.segment)]
-    extra += ["--repeats", str(args.repeats), "--rate", str(rate)]
+    extra += ["--repeats", str(args.repeats)]
     rows = []
     for structure in args.structures:
         row = common.run_isolated(os.path.abspath(__file__), structure, extra)
