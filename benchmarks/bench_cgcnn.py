@@ -3,8 +3,10 @@
     python benchmarks/bench_cgcnn.py                               # 128x5, 8x135, 32x135, 128x135
     python benchmarks/bench_cgcnn.py --cases 128x5 --repeats 5 --json cgcnn.json --markdown
 
-Per case (B rattled SrTiO3 perovskite supercells of N atoms, one process per case so that the peak RSS is the
-case's own), for the embedded Materials Project model (`--model`, default band-gap: 4 convolutions, F = 64):
+Times are the minimum over `--repeats` calls after a warm-up (the machine is shared: the minimum is the least
+disturbed figure; the JSON also holds the medians). Per case (B rattled SrTiO3 perovskite supercells of N atoms,
+one process per case so that the peak RSS is the case's own), for the embedded Materials Project model
+(`--model`, default band-gap: 4 convolutions, F = 64):
   * JAX: compile time and steady-state time of the in-jit neighbour search (`build_graph`), of the frozen-graph
     forward (bond lengths, Gaussian expansion, model) and of forward + gradient w.r.t. lattice, coordinates and
     species; XLA's FLOPs for each and the utilization (achieved GFLOP/s over the float32 matmul rate measured in
@@ -78,7 +80,7 @@ def measure_jax(model: str, crystals, repeats: int, rate: float) -> tuple[dict, 
 
     build, seconds, _, _ = common.compile_fn(predictor.build_graph, lattice, frac, mask)
     row["graph_compile_s"] = seconds
-    row["graph_s"] = common.steady(build, (lattice, frac, mask), repeats)["median_s"]
+    row["graph_s"] = common.steady(build, (lattice, frac, mask), repeats)["min_s"]
     graph = build(lattice, frac, mask)
 
     def forward(lattice, frac, species):
@@ -91,11 +93,11 @@ def measure_jax(model: str, crystals, repeats: int, rate: float) -> tuple[dict, 
         compiled, seconds, flops, temp = common.compile_fn(fn, lattice, frac, species)
         timing = common.steady(compiled, (lattice, frac, species), repeats)
         row[f"{name}_compile_s"] = seconds
-        row[f"{name}_s"] = timing["median_s"]
-        row[f"{name}_min_s"] = timing["min_s"]
+        row[f"{name}_s"] = timing["min_s"]
+        row[f"{name}_median_s"] = timing["median_s"]
         row[f"{name}_gflop"] = flops / 1e9
         row[f"{name}_temp_mb"] = temp / 2**20
-        row[f"{name}_util"] = common.utilization(flops, timing["min_s"], rate)
+        row[f"{name}_util"] = common.utilization(flops, row[f"{name}_s"], rate)
     prediction = np.asarray(jax.jit(forward)(lattice, frac, species))
     return row, prediction
 
@@ -153,7 +155,8 @@ def measure_torch(model: str, crystals, repeats: int) -> tuple[dict, np.ndarray]
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
-        row[f"torch_{name}_s"] = float(np.median(times))
+        row[f"torch_{name}_s"] = float(np.min(times))
+        row[f"torch_{name}_median_s"] = float(np.median(times))
     prediction = forward().numpy()[:, 0] * std + mean
     return row, prediction
 
