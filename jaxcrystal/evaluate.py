@@ -247,6 +247,9 @@ def periodic_displacement(frac, reference) -> np.ndarray:
     return np.abs(delta - np.round(delta))
 
 
+FLOAT32_SLACK = 1e-6  # fractional units (~1e-5 Å): rounding of float32 coordinates at a window's edge
+
+
 def coordinates_within(frac, reference, mask, window: float) -> bool:
     """True if every real atom's coordinates moved at most `window` (fractional, periodic) from `reference`.
 
@@ -257,7 +260,8 @@ def coordinates_within(frac, reference, mask, window: float) -> bool:
       window: ε in fractional units.
     """
     mask = np.asarray(mask, dtype=bool)
-    return bool(np.all(periodic_displacement(frac, reference)[mask] <= window + 1e-9))
+    # Optimized coordinates are float32 and clipped to reference ± window in float32: allow its rounding (~6e-8).
+    return bool(np.all(periodic_displacement(frac, reference)[mask] <= window + FLOAT32_SLACK))
 
 
 def angles_within(structure: Structure, window: tuple[float, float]) -> bool:

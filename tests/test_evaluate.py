@@ -317,3 +317,16 @@ def test_rank_puts_successes_first_then_closest_to_the_window():
     assert list(ev.rank(df, GENERAL)) == ["b", "d", "a", "c"]  # b succeeds; d fails E_f only (distance 0)
     maximize = Criteria("band_gap", None, tolerance_window=None, angle_window=None)
     assert list(ev.rank(evaluate(c, maximize), maximize)) == ["a", "b", "c", "d"]  # successes by largest gap
+
+
+def test_coordinate_window_edge_in_float32_counts_as_inside():
+    """The optimizer clips coordinates to template ± ε in float32; that edge must pass the ε check."""
+    from jaxcrystal.evaluate import coordinates_within
+
+    reference = np.array([[0.5, 0.0, 0.5]], dtype=np.float32)
+    at_edge = np.clip(
+        np.array([[0.9, -0.9, 0.66]], dtype=np.float32), reference - np.float32(0.15), reference + np.float32(0.15)
+    )
+    assert coordinates_within(at_edge.astype(np.float64), reference.astype(np.float64), np.array([True]), 0.15)
+    beyond = at_edge + np.float32(1e-4)
+    assert not coordinates_within(beyond.astype(np.float64), reference.astype(np.float64), np.array([True]), 0.15)
