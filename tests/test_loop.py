@@ -65,6 +65,8 @@ def test_same_seed_same_candidates_and_different_seed_differs():
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(a[0].variables.frac, c[0].variables.frac)
+    # frozen angles stay exactly at the template's through copy-mutation (no noise on them)
+    np.testing.assert_array_equal(a[0].variables.angles, variables.angles)
 
 
 def test_whole_loop_is_one_trace():

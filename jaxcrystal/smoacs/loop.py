@@ -272,7 +272,9 @@ def make_loop(models: dict, config: LoopConfig) -> Loop:
                     config.mutation,
                     has_elite,
                 )
-                variables, problem, replaced = copy_mutate(key, variables, problem, elite, top, config.mutation)
+                variables, problem, replaced = copy_mutate(
+                    key, variables, problem, elite, top, config.mutation, config.geometry.optimize_angles
+                )
                 return variables, problem, reset_adam_moments(opt_state), healthy | replaced
 
             variables, problem, opt_state, healthy = jax.lax.cond(

@@ -52,8 +52,12 @@ def groups(main_term, second_term, tolerance_term, total, healthy, settings: Cop
     return elite, top
 
 
-def copy_mutate(rng, variables: Variables, problem: Problem, elite, top, settings: CopyMutation):
+def copy_mutate(
+    rng, variables: Variables, problem: Problem, elite, top, settings: CopyMutation, mutate_angles: bool = True
+):
     """Overwrites the replaced group-C candidates by noisy copies of donors from A ∪ B.
+
+    `mutate_angles=False` (frozen angles, e.g. perovskites) copies the donor's angles without noise, as SMOACS.
 
     Returns:
       (variables, problem, replaced [B] bool).
@@ -80,7 +84,7 @@ def copy_mutate(rng, variables: Variables, problem: Problem, elite, top, setting
 
     variables = Variables(
         lengths=noisy(noise_keys[0], variables.lengths),
-        angles=noisy(noise_keys[1], variables.angles),
+        angles=noisy(noise_keys[1], variables.angles) if mutate_angles else variables.angles,
         frac=noisy(noise_keys[2], variables.frac),
         logits=jnp.where(replaced[:, None, None], 1.0 / 98.0, variables.logits),
         pattern_weights=noisy(noise_keys[3], variables.pattern_weights),
