@@ -33,7 +33,6 @@ deterministically. CLI:
 
 import argparse
 import hashlib
-import io
 import json
 import sys
 import zipfile
@@ -43,7 +42,7 @@ import numpy as np
 
 from converters.torch_reader import read_torch_checkpoint
 from jaxcrystal.errors import CheckpointError, ConfigError
-from jaxcrystal.weights_file import read_weights_file
+from jaxcrystal.weights_file import read_weights_file, weights_bytes
 
 FORMAT = "jaxcrystal-alignn-v1"
 
@@ -334,29 +333,6 @@ def convert(source, member: str | None = None) -> tuple[dict, dict]:
         "source_sha256": info["sha256"],
     }
     return variables, metadata
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key in sorted(tree):
-        value = tree[key]
-        out.update(_flatten(value, f"{prefix}{key}/") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
-
-
-def weights_bytes(variables: dict, metadata: dict) -> bytes:
-    """A deterministic `.npz` (stored, sorted members, fixed timestamps) of the variables plus `__metadata__`."""
-    arrays = _flatten(variables)
-    arrays["__metadata__"] = np.array(json.dumps(metadata, sort_keys=True))
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
-        for key in sorted(arrays):
-            member = io.BytesIO()
-            np.lib.format.write_array(member, np.asarray(arrays[key]), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.external_attr = 0o644 << 16
-            archive.writestr(info, member.getvalue())
-    return buffer.getvalue()
 
 
 def read_weights(path) -> tuple[dict, dict]:

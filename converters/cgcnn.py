@@ -21,7 +21,6 @@ writes `cgcnn-<name>.npz` plus their entries in `MANIFEST` (other entries of an 
 
 import argparse
 import hashlib
-import io
 import json
 import re
 import sys
@@ -33,6 +32,7 @@ import numpy as np
 from converters.torch_reader import read_torch_checkpoint
 from jaxcrystal.atom_features import NUM_FEATURES, rows_to_hex
 from jaxcrystal.errors import CheckpointError
+from jaxcrystal.weights_file import weights_bytes
 
 FORMAT = "jaxcrystal-cgcnn-v1"
 NUM_GAUSSIANS = 41
@@ -214,31 +214,6 @@ def convert_checkpoint(checkpoint, where: str = "<checkpoint>") -> tuple[dict, d
 # Deterministic .npz
 
 
-def flatten(tree, prefix=""):
-    """Nested dict of arrays -> {"a/b/c": array} (sorted keys)."""
-    out = {}
-    for key in sorted(tree):
-        value = tree[key]
-        path = f"{prefix}{key}"
-        out.update(flatten(value, path + "/") if isinstance(value, dict) else {path: value})
-    return out
-
-
-def npz_bytes(arrays: dict) -> bytes:
-    """A standard `.npz` (readable by `np.load`) whose bytes depend only on the arrays: sorted members, no
-    compression, fixed timestamps and attributes."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
-        for key in sorted(arrays):
-            member = io.BytesIO()
-            np.lib.format.write_array(member, np.asarray(arrays[key]), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.create_system = 3
-            info.external_attr = 0o644 << 16
-            archive.writestr(info, member.getvalue())
-    return buffer.getvalue()
-
-
 def converted_bytes(source_bytes: bytes, source_name: str) -> tuple[bytes, dict]:
     """Converts the bytes of a CGCNN `.pth.tar` into the bytes of our `.npz`; returns (bytes, metadata)."""
     checkpoint = read_torch_checkpoint(source_bytes, name=source_name)
@@ -255,9 +230,7 @@ def converted_bytes(source_bytes: bytes, source_name: str) -> tuple[bytes, dict]
         "source_file": source_name.rsplit("/", 1)[-1],
         "source_sha256": sha256_bytes(source_bytes),
     }
-    arrays = flatten(variables)
-    arrays["__metadata__"] = np.array(json.dumps(metadata, sort_keys=True))
-    return npz_bytes(arrays), metadata
+    return weights_bytes(variables, metadata), metadata
 
 
 def convert_file(source: str | Path, out: str | Path) -> dict:

@@ -22,7 +22,7 @@ import numpy as np
 from converters.torch_reader import read_torch_checkpoint
 from jaxcrystal.errors import CheckpointError, ConfigError
 from jaxcrystal.models.crystalformer import CrystalformerConfig
-from jaxcrystal.weights_file import read_weights_file
+from jaxcrystal.weights_file import read_weights_file, weights_bytes
 
 FORMAT = "jaxcrystal-crystalformer-v1"
 SWA_PREFIX = "swa_model.module."
@@ -198,24 +198,13 @@ def convert_checkpoint(path, config=None) -> tuple[dict, dict]:
     return params, metadata
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = np.asarray(value)
-    return flat
-
-
 def save_converted(params: dict, metadata: dict, out) -> Path:
     """Writes converted weights; `out` is a `.npz` file or a directory (then `crystalformer.npz` inside)."""
     out = Path(out)
     if out.suffix != ".npz":
         out.mkdir(parents=True, exist_ok=True)
         out = out / DEFAULT_FILENAME
-    flat = _flatten(params)
-    np.savez(out, __metadata__=np.asarray(json.dumps(metadata)), **flat)
+    out.write_bytes(weights_bytes(params, metadata))
     return out
 
 

@@ -1,10 +1,11 @@
-"""Reading jaxcrystal's converted-weights files (all three model kinds share the layout).
+"""jaxcrystal's converted-weights files (all three model kinds share the layout).
 
 A file is one `.npz`: every parameter array under its '/'-joined Flax path (e.g. `params/conv_0/kernel`), plus
 `__metadata__`, a JSON string whose `format` tag names the model kind (e.g. "jaxcrystal-cgcnn-v1"). Loading uses
 `allow_pickle=False`: nothing in the file can execute.
 """
 
+import io
 import json
 import zipfile
 
@@ -43,3 +44,32 @@ def read_weights_file(source, expected_format: str, name: str | None = None) -> 
             node = node.setdefault(part, {})
         node[leaf] = value
     return variables, metadata
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """Nested dict of arrays -> {"a/b/c": array}, keys sorted."""
+    out = {}
+    for key in sorted(tree):
+        value, path = tree[key], f"{prefix}{key}"
+        out.update(flatten(value, path + "/") if isinstance(value, dict) else {path: value})
+    return out
+
+
+def weights_bytes(variables: dict, metadata: dict) -> bytes:
+    """The bytes of a converted-weights file; they depend only on the arrays and the metadata.
+
+    A standard `.npz` (readable by `np.load`): sorted members, no compression, fixed timestamps and attributes, the
+    metadata as JSON with sorted keys, so a conversion is reproducible bit for bit.
+    """
+    arrays = flatten(variables)
+    arrays["__metadata__"] = np.array(json.dumps(metadata, sort_keys=True))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for key in sorted(arrays):
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.asarray(arrays[key]), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.create_system = 3
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, member.getvalue())
+    return buffer.getvalue()

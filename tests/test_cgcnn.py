@@ -23,6 +23,7 @@ from jaxcrystal.atom_features import cgcnn_atom_features
 from jaxcrystal.errors import CheckpointError, ConfigError
 from jaxcrystal.models.cgcnn import CGCNN
 from jaxcrystal.predictors import cgcnn as cgcnn_predictor
+from jaxcrystal.weights_file import flatten
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "weights"
@@ -353,8 +354,8 @@ def test_converter_round_trip_and_errors_name_the_problem():
     checkpoint = _random_checkpoint()
     variables, metadata = converter.convert_checkpoint(checkpoint, "x.pth.tar")
     reference, _ = cgcnn_predictor.read_weights(FIXTURES / "cgcnn" / "random_cgcnn.npz")
-    for key, value in converter.flatten(variables["params"]).items():
-        np.testing.assert_array_equal(value, converter.flatten(reference["params"])[key])
+    for key, value in flatten(variables["params"]).items():
+        np.testing.assert_array_equal(value, flatten(reference["params"])[key])
     assert metadata["normalizer"] == {"mean": -0.7, "std": 0.9}
 
     broken = _random_checkpoint()
