@@ -51,6 +51,26 @@ def _batch_norm(name):
     return nn.BatchNorm(use_running_average=True, epsilon=1e-5, name=name)
 
 
+class EdgeDense(nn.Module):
+    """CGCNN's `fc_full`, Dense over the edge vector [a_i, a_j, gauss_ij], computed without building that vector.
+
+    The kernel [2F + G, 2F] splits into atom-i, atom-j and Gaussian blocks: the two atom blocks multiply the [N, F]
+    atom features once per atom (then gather), and only the [G]-wide Gaussian block runs per edge. Same parameters
+    (`kernel`, `bias`) and the same sum as the concatenated Dense, about 3x fewer FLOPs for M = 12, G = 41.
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, atoms, edge_features, neighbor_index):
+        f, g = atoms.shape[-1], edge_features.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (2 * f + g, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        own = atoms @ kernel[:f]  # [B, N, 2F]
+        other = jax.vmap(lambda x, idx: x[idx])(atoms @ kernel[f : 2 * f], neighbor_index)  # [B, N, M, 2F]
+        return own[:, :, None, :] + other + edge_features @ kernel[2 * f :] + bias
+
+
 class ConvLayer(nn.Module):
     """One CGCNN convolution: atoms [B, N, F], Gaussians [B, N, M, G], neighbours [B, N, M] -> [B, N, F]."""
 
@@ -58,11 +78,7 @@ class ConvLayer(nn.Module):
 
     @nn.compact
     def __call__(self, atoms, edge_features, neighbor_index):
-        neighbors = jax.vmap(lambda a, idx: a[idx])(atoms, neighbor_index)  # [B, N, M, F]
-        centers = jnp.broadcast_to(atoms[:, :, None, :], neighbors.shape)
-        total = nn.Dense(2 * self.features, name="fc_full")(
-            jnp.concatenate([centers, neighbors, edge_features], axis=-1)
-        )
+        total = EdgeDense(2 * self.features, name="fc_full")(atoms, edge_features, neighbor_index)
         total = _batch_norm("bn1")(total)
         filt, core = jnp.split(total, 2, axis=-1)
         summed = jnp.sum(jax.nn.sigmoid(filt) * softplus(core), axis=2)
