@@ -18,7 +18,11 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,26 +31,6 @@ from jaxcrystal import alignn_graph
 from jaxcrystal.models.alignn import ALIGNN
 from jaxcrystal.predictors import alignn as pa
 from jaxcrystal.predictors import load_predictor
-
-PEROVSKITE_FRAC = np.array([[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
-
-
-def perovskite_batch(num_crystals: int, cells: int, seed: int = 0):
-    """`num_crystals` rattled ABX3 perovskites, cells^3 supercells (5 cells^3 atoms), a ≈ 3.9 Å per cell."""
-    rng = np.random.default_rng(seed)
-    shifts = np.stack(np.meshgrid(*[np.arange(cells)] * 3, indexing="ij"), -1).reshape(-1, 3)
-    frac = ((PEROVSKITE_FRAC[None] + shifts[:, None]) / cells).reshape(-1, 3)
-    n = len(frac)
-    a = rng.uniform(3.7, 4.1, size=num_crystals) * cells
-    lattice = a[:, None, None] * np.eye(3) + rng.normal(scale=0.05, size=(num_crystals, 3, 3))
-    frac = frac[None] + rng.normal(scale=0.03 / (3.9 * cells), size=(num_crystals, n, 3))
-    species = jax.nn.softmax(rng.normal(size=(num_crystals, n, 98)) / 0.3, axis=-1)
-    return (
-        jnp.asarray(lattice, jnp.float32),
-        jnp.asarray(frac, jnp.float32),
-        jnp.asarray(species, jnp.float32),
-        jnp.ones((num_crystals, n), bool),
-    )
 
 
 def random_variables(module: ALIGNN, batch, graph):
@@ -94,7 +78,7 @@ def run_case(case: str, args, run: bool) -> dict:
     cells = round((n / 5) ** (1 / 3))
     if 5 * cells**3 != n:
         raise SystemExit(f"case {case}: N must be 5 * cells^3 (5, 40, 135, ...)")
-    batch = perovskite_batch(b, cells)
+    batch = common.perovskite_crystals(b, cells)[:4]
     lattice, frac, species, mask = batch
     box = alignn_graph.geometry.required_image_box(np.asarray(lattice), alignn_graph.CUTOFF)
     if args.ckpt:

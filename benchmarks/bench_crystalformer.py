@@ -18,7 +18,11 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,26 +30,6 @@ import numpy as np
 from jaxcrystal.models.crystalformer import Crystalformer, CrystalformerConfig, required_range
 from jaxcrystal.models.periodic_attention import AUTO_BLOCK_BYTES, block_plan
 from jaxcrystal.predictors.crystalformer import load, make_apply
-
-PEROVSKITE_FRAC = np.array([[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
-
-
-def perovskite_batch(num_crystals: int, cells: int, seed: int = 0):
-    """`num_crystals` rattled ABX3 perovskites, cells x cells x cells supercells (5 cells³ atoms), a ≈ 3.9 Å."""
-    rng = np.random.default_rng(seed)
-    shifts = np.stack(np.meshgrid(*[np.arange(cells)] * 3, indexing="ij"), -1).reshape(-1, 3)
-    frac = ((PEROVSKITE_FRAC[None] + shifts[:, None]) / cells).reshape(-1, 3)
-    n = len(frac)
-    a = rng.uniform(3.7, 4.1, size=num_crystals) * cells
-    lattice = a[:, None, None] * np.eye(3) + rng.normal(scale=0.05, size=(num_crystals, 3, 3))
-    frac = (frac[None] + rng.normal(scale=0.01 / cells, size=(num_crystals, n, 3))) % 1.0
-    species = jax.nn.softmax(rng.normal(size=(num_crystals, n, 98)) / 0.3, axis=-1)
-    return (
-        jnp.asarray(lattice, jnp.float32),
-        jnp.asarray(frac, jnp.float32),
-        jnp.asarray(species, jnp.float32),
-        jnp.ones((num_crystals, n), bool),
-    )
 
 
 def random_params(config: CrystalformerConfig, batch):
@@ -126,7 +110,7 @@ def main(argv=None) -> int:
         cells = round((num_atoms / 5) ** (1 / 3))
         if 5 * cells**3 != num_atoms:
             parser.error(f"{case}: N must be 5 * cells³ (5, 40, 135, ...)")
-        batch = perovskite_batch(num_crystals, cells)
+        batch = common.perovskite_crystals(num_crystals, cells)[:4]
         if args.ckpt:
             predictor = load(args.ckpt, args.config, args.truncation, args.gradient, args.chunk_size)
             config, params = predictor.metadata["config"], predictor.params
