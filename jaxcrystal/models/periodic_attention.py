@@ -15,8 +15,8 @@ aggregation (exact, and K/D times cheaper than projecting every pair).
 
 The dominant tensors are per (query, key, translation): the basis φ [Q, N, M, K] and the weights [Q, H, N, M].
 They are never built for the whole batch: queries are processed in blocks of `chunk_size` (crystal, atom) rows
-with `lax.map`, and each block is rematerialized (`jax.checkpoint`) in the backward pass, so the peak memory is
-that of one block whatever the batch size.
+with `lax.map`, and the backward pass of a block (`_make_block`, a hand-written VJP) rebuilds them from the block's
+inputs, so the peak memory is that of one block whatever the batch size.
 """
 
 import math
@@ -28,7 +28,9 @@ import numpy as np
 HIGHEST = jax.lax.Precision.HIGHEST
 
 # Automatic block size: the number of query rows whose basis tensor φ [rows, N, M, K] fits this many bytes.
-AUTO_BLOCK_BYTES = 256 * 2**20
+# 32 MiB (7 rows of a 135-atom crystal with 125 translations) was the fastest forward+gradient on a 2-core CPU
+# among 2-45 rows per block (`benchmarks/bench_crystalformer.py --chunk-size`); a GPU wants larger blocks.
+AUTO_BLOCK_BYTES = 32 * 2**20
 
 _MASKED_LOGIT = -1e30  # finite, so that fully masked (padding) rows stay NaN-free
 
@@ -56,44 +58,119 @@ def safe_sqrt(x):
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
 
 
-def _block(lattice, frac_k, mask_k, k, v, frac_q, q, gamma, box, *, shifts, centers, width, exact_basis_gradient):
-    """The attention of Q query atoms of one crystal.
+def gaussian_basis(dist, centers, width: float):
+    """φ_k(d) = exp(-(d - μ_k)² / (2 s²)): [...] distances (Å) -> [..., K]; centres [K] Å, width s Å."""
+    return jnp.exp(-0.5 * jnp.square((dist[..., None] - jnp.asarray(centers, dist.dtype)) / width))
 
-    Args:
-      lattice: [3, 3] rows, Å.
-      frac_k, mask_k, k, v: keys of the crystal: [N, 3] fractional, [N] bool, [N, H, D], [N, H, D].
-      frac_q, q, gamma: queries: [Q, 3] fractional, [Q, H, D], [Q, H] Å⁻² (negative).
-      box: [Q, H, 3] int translation half-widths per query and head, or None (every translation in `shifts`).
-      shifts: [M, 3] integer translations (constant).
-      centers: [K] basis centres, Å; width: basis width, Å.
-      exact_basis_gradient: False stops the gradient of the distance inside φ (upstream's autograd).
 
-    Returns:
-      agg_v [Q, H, D], agg_basis [Q, H, K].
+def _geometry(lattice, frac_k, frac_q, shifts):
+    """Bond vectors from every query to every image of every key.
+
+    r_qnm = (f_n - f_q) A + t_m A, built as the sum of the two products so that no [Q, N, M, 3] x [3, 3] product
+    is needed. Returns (within-cell vectors [Q, N, 3] fractional, r [Q, N, M, 3] Å, d² [Q, N, M] Å²).
     """
-    dtype = q.dtype
-    shifts_f = shifts.astype(dtype)
     frac_diff = frac_k[None, :, :] - frac_q[:, None, :]  # [Q, N, 3]
-    image = frac_diff[:, :, None, :] + shifts_f  # [Q, N, M, 3]
-    r = jnp.einsum("qnmc,cd->qnmd", image, lattice, precision=HIGHEST)
-    d2 = jnp.sum(r * r, axis=-1)  # [Q, N, M]
-    dist = safe_sqrt(d2)
-    if not exact_basis_gradient:
-        dist = jax.lax.stop_gradient(dist)
-    basis = jnp.exp(-0.5 * jnp.square((dist[..., None] - centers) / width))  # [Q, N, M, K]
+    cell_part = jnp.einsum("qnc,cd->qnd", frac_diff, lattice, precision=HIGHEST)
+    shift_part = jnp.einsum("mc,cd->md", shifts.astype(frac_q.dtype), lattice, precision=HIGHEST)
+    r = cell_part[:, :, None, :] + shift_part
+    return frac_diff, r, jnp.sum(r * r, axis=-1)
 
-    scores = jnp.einsum("qhc,nhc->qhn", q, k, precision=HIGHEST) / jnp.sqrt(jnp.asarray(q.shape[-1], dtype))
-    logits = scores[..., None] + gamma[:, :, None, None] * d2[:, None, :, :]  # [Q, H, N, M]
+
+def _logits(k, mask_k, q, gamma, box, d2, shifts):
+    """Attention logits [Q, H, N, M]: q·k/√D + γ d², `_MASKED_LOGIT` outside the key mask and the box."""
+    scores = jnp.einsum("qhc,nhc->qhn", q, k, precision=HIGHEST) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
+    logits = scores[..., None] + gamma[:, :, None, None] * d2[:, None, :, :]
     valid = mask_k[None, None, :, None]
     if box is not None:
         inside = jnp.all(jnp.abs(shifts)[None, None, :, :] <= box[:, :, None, :], axis=-1)  # [Q, H, M]
         valid = valid & inside[:, :, None, :]
-    logits = jnp.where(valid, logits, _MASKED_LOGIT)
-    weights = jax.nn.softmax(logits, axis=(2, 3))
+    return jnp.where(valid, logits, _MASKED_LOGIT)
 
-    agg_v = jnp.einsum("qhn,nhc->qhc", jnp.sum(weights, axis=-1), v, precision=HIGHEST)
-    agg_basis = jnp.einsum("qhnm,qnmk->qhk", weights, basis, precision=HIGHEST)
-    return agg_v, agg_basis
+
+def _make_block(shifts, centers, width: float, exact_basis_gradient: bool, with_box: bool):
+    """The attention of Q query atoms of one crystal, with a hand-written backward pass (`jax.custom_vjp`).
+
+    The returned function maps
+      lattice [3, 3] rows Å; keys frac_k [N, 3], mask_k [N] bool, k [N, H, D], v [N, H, D];
+      queries frac_q [Q, 3], q [Q, H, D], gamma [Q, H] Å⁻² (negative), box [Q, H, 3] int (ignored unless
+      `with_box`: per-query, per-head translation half-widths)
+    to (agg_v [Q, H, D], agg_basis [Q, H, K]).
+
+    The forward pass keeps only the inputs and the softmax statistics [Q, H] for the backward pass, which
+    rebuilds distances, weights w and basis φ and needs a single contraction with φ:
+      G_hp = Σ_k ḡ_hk φ_pk (+ Σ_c ḡv_hc v_nhc),   Gμ_hp = Σ_k ḡ_hk μ_k φ_pk      (one [2H, K] x [K, P] product)
+      ∂L/∂logit_hp = w_hp (G_hp - Σ_p' w_hp' G_hp')   (the inner sum is ḡ·agg_basis + ḡv·agg_v)
+      ∂L/∂d_p      = Σ_h w_hp (Gμ_hp - d_p Gb_hp) / s²   (dφ_k/dd = (μ_k - d) φ_k / s²; absent for "smoacs")
+    so the [Q, N, M, K] tensor of ∂L/∂φ is never formed. Autodiff of the same forward pass materializes it and
+    re-evaluates φ's exponentials; this backward pass is about half as expensive and exact.
+    """
+    shifts = np.asarray(shifts)
+    centers_np = np.asarray(centers)
+
+    def forward(lattice, frac_k, mask_k, k, v, frac_q, q, gamma, box):
+        _, _, d2 = _geometry(lattice, frac_k, frac_q, shifts)
+        dist = safe_sqrt(d2)
+        logits = _logits(k, mask_k, q, gamma, box if with_box else None, d2, shifts)
+        peak = jnp.max(logits, axis=(2, 3))  # [Q, H]
+        unnormalized = jnp.exp(logits - peak[:, :, None, None])
+        total = jnp.sum(unnormalized, axis=(2, 3))
+        weights = unnormalized / total[:, :, None, None]
+        basis = gaussian_basis(dist, centers_np, width)  # [Q, N, M, K]
+        agg_v = jnp.einsum("qhn,nhc->qhc", jnp.sum(weights, axis=-1), v, precision=HIGHEST)
+        agg_basis = jnp.einsum("qhnm,qnmk->qhk", weights, basis, precision=HIGHEST)
+        return (agg_v, agg_basis), (peak, total)
+
+    @jax.custom_vjp
+    def block(lattice, frac_k, mask_k, k, v, frac_q, q, gamma, box):
+        return forward(lattice, frac_k, mask_k, k, v, frac_q, q, gamma, box)[0]
+
+    def block_fwd(lattice, frac_k, mask_k, k, v, frac_q, q, gamma, box):
+        outputs, stats = forward(lattice, frac_k, mask_k, k, v, frac_q, q, gamma, box)
+        return outputs, (lattice, frac_k, mask_k, k, v, frac_q, q, gamma, box, stats, outputs)
+
+    def block_bwd(residuals, cotangents):
+        lattice, frac_k, mask_k, k, v, frac_q, q, gamma, box, (peak, total), (agg_v, agg_basis) = residuals
+        g_v, g_basis = cotangents  # [Q, H, D], [Q, H, K]
+        dtype = q.dtype
+        centers = jnp.asarray(centers_np, dtype)
+        heads = q.shape[1]
+
+        frac_diff, r, d2 = _geometry(lattice, frac_k, frac_q, shifts)
+        dist = safe_sqrt(d2)
+        logits = _logits(k, mask_k, q, gamma, box if with_box else None, d2, shifts)
+        weights = jnp.exp(logits - peak[:, :, None, None]) / total[:, :, None, None]  # [Q, H, N, M]
+        basis = gaussian_basis(dist, centers_np, width)
+
+        rows = jnp.concatenate([g_basis, g_basis * centers], axis=1)  # [Q, 2H, K]
+        projected = jnp.einsum("qjk,qnmk->qjnm", rows, basis, precision=HIGHEST)
+        g_b, g_mu = projected[:, :heads], projected[:, heads:]  # [Q, H, N, M]
+        g_vn = jnp.einsum("qhc,nhc->qhn", g_v, v, precision=HIGHEST)
+        mean = jnp.sum(g_basis * agg_basis, axis=-1) + jnp.sum(g_v * agg_v, axis=-1)  # [Q, H]
+        g_logits = weights * (g_b + g_vn[..., None] - mean[:, :, None, None])
+
+        g_scores = jnp.sum(g_logits, axis=-1) / jnp.sqrt(jnp.asarray(q.shape[-1], dtype))  # [Q, H, N]
+        g_q = jnp.einsum("qhn,nhc->qhc", g_scores, k, precision=HIGHEST)
+        g_k = jnp.einsum("qhn,qhc->nhc", g_scores, q, precision=HIGHEST)
+        g_gamma = jnp.sum(g_logits * d2[:, None], axis=(2, 3))
+        g_vv = jnp.einsum("qhn,qhc->nhc", jnp.sum(weights, axis=-1), g_v, precision=HIGHEST)
+
+        g_d2 = jnp.sum(g_logits * gamma[:, :, None, None], axis=1)
+        if exact_basis_gradient:
+            g_dist = jnp.sum(weights * (g_mu - dist[:, None] * g_b), axis=1) / width**2  # [Q, N, M]
+            positive = d2 > 0
+            g_d2 = g_d2 + jnp.where(positive, g_dist / (2 * jnp.where(positive, dist, 1.0)), 0.0)
+        g_r = 2 * r * g_d2[..., None]  # [Q, N, M, 3]
+        g_cell_part, g_shift_part = jnp.sum(g_r, axis=2), jnp.sum(g_r, axis=(0, 1))  # [Q, N, 3], [M, 3]
+        g_lattice = jnp.einsum("qnc,qnd->cd", frac_diff, g_cell_part, precision=HIGHEST) + jnp.einsum(
+            "mc,md->cd", shifts.astype(dtype), g_shift_part, precision=HIGHEST
+        )
+        g_diff = jnp.einsum("qnd,cd->qnc", g_cell_part, lattice, precision=HIGHEST)  # [Q, N, 3]
+        g_frac_k = jnp.sum(g_diff, axis=0)
+        g_frac_q = -jnp.sum(g_diff, axis=1)
+        return g_lattice, g_frac_k, None, g_k, g_vv, g_frac_q, g_q, g_gamma, None
+
+    block.defvjp(block_fwd, block_bwd)
+    return block
 
 
 def block_plan(num_crystals: int, num_atoms: int, num_shifts: int, num_basis: int, itemsize: int, chunk_size=None):
@@ -152,9 +229,8 @@ def periodic_attention(
     """
     num_crystals, num_atoms, num_heads, head_dim = q.shape
     shifts = translation_grid(ranges)
-    centers = jnp.asarray(centers, q.dtype)
     crystals_per_block, queries_per_block = block_plan(
-        num_crystals, num_atoms, len(shifts), centers.shape[0], q.dtype.itemsize, chunk_size
+        num_crystals, num_atoms, len(shifts), len(centers), q.dtype.itemsize, chunk_size
     )
     num_crystal_blocks = math.ceil(num_crystals / crystals_per_block)
     num_query_blocks = math.ceil(num_atoms / queries_per_block)
@@ -186,27 +262,10 @@ def periodic_attention(
     queries = tuple(query_blocks(x) for x in (frac, q, gamma, box))
     queries = tuple(jnp.moveaxis(x, 1, 0) for x in queries)  # [crystal blocks, query blocks, C, Q, ...]
 
-    def block(crystal_keys, query_rows):
-        frac_q, q_rows, gamma_rows, box_rows = query_rows
-        return jax.vmap(
-            lambda lat, fk, mk, kk, vv, fq, qq, gq, bq: _block(
-                lat,
-                fk,
-                mk,
-                kk,
-                vv,
-                fq,
-                qq,
-                gq,
-                bq if use_box else None,
-                shifts=shifts,
-                centers=centers,
-                width=width,
-                exact_basis_gradient=exact_basis_gradient,
-            )
-        )(*crystal_keys, frac_q, q_rows, gamma_rows, box_rows)
+    attend = _make_block(shifts, centers, width, exact_basis_gradient, use_box)
 
-    block = jax.checkpoint(block)
+    def block(crystal_keys, query_rows):
+        return jax.vmap(attend)(*crystal_keys, *query_rows)
 
     def crystal_block(args):
         crystal_keys, query_rows = args
