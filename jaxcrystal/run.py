@@ -26,6 +26,16 @@ def _weights(items: list[str]) -> dict:
     return out
 
 
+def _model_options(items: list[str]) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ConfigError(f"--model-option expects [KIND.]OPTION=VALUE (e.g. chunk_size=64), got {item!r}")
+        out[key] = int(value) if value.lstrip("-").isdigit() else value
+    return out
+
+
 def parser() -> argparse.ArgumentParser:
     d = RunConfig()
     p = argparse.ArgumentParser(
@@ -45,6 +55,14 @@ def parser() -> argparse.ArgumentParser:
         "PATH may be prefixed with a kind, e.g. tc=alignn:jv_supercon_tc_alignn.zip",
     )
     p.add_argument("--model-config", default=None, help="Crystalformer default.json for --weights checkpoints")
+    p.add_argument(
+        "--model-option",
+        action="append",
+        metavar="[KIND.]OPTION=VALUE",
+        help="predictor option, repeatable: memory/speed knobs such as chunk_size=64 (Crystalformer query rows per "
+        "attention block, ALIGNN crystals per chunk), atom_chunk, crystal_chunk, or Crystalformer's "
+        "truncation/gradient; KIND. limits it to one predictor kind",
+    )
     p.add_argument("--templates", default=None, help="folder of POSCAR/CIF templates (with --structure none)")
     p.add_argument("--num-candidates", type=int, default=d.num_candidates)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="candidates optimized together")
@@ -102,6 +120,7 @@ def run(args):
         model=args.model,
         weights=_weights(args.weights),
         model_config=args.model_config,
+        model_options=_model_options(args.model_option),
         templates=args.templates,
         num_candidates=args.num_candidates,
         batch_size=args.batch_size,

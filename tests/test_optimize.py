@@ -94,3 +94,36 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run.main(["--help"])
     assert "--num-candidates" in capsys.readouterr().out
+
+
+def test_model_options_are_routed_by_kind_and_checked(tmp_path, capsys):
+    from jaxcrystal.smoacs import driver
+
+    config = driver.RunConfig(
+        model="crystalformer", model_options={"chunk_size": 3, "alignn.chunk_size": 2, "cgcnn.atom_chunk": 4}
+    ).resolved()
+    assert driver._model_options(config, "crystalformer") == {"chunk_size": 3}
+    assert driver._model_options(config, "alignn") == {"chunk_size": 2}
+    assert driver._model_options(config, "cgcnn") == {"atom_chunk": 4}
+    with pytest.raises(ConfigError, match="sized by the optimizer"):
+        driver.RunConfig(model_options={"alignn.image_box": 4}).resolved()
+    with pytest.raises(ConfigError, match="unknown predictor kind 'megnet'"):
+        driver.RunConfig(model_options={"megnet.chunk_size": 4}).resolved()
+    with pytest.raises(ConfigError, match=r"unknown CGCNN option\(s\) \['chunk_size'\]"):
+        jaxcrystal.optimize(num_candidates=2, steps=1, model_options={"chunk_size": 4}, progress=False)
+    assert run.main(["--model-option", "chunk_size", "--out", str(tmp_path / "o")]) == 2
+    assert "OPTION=VALUE" in capsys.readouterr().err
+    assert run._model_options(["chunk_size=64", "crystalformer.gradient=smoacs"]) == {
+        "chunk_size": 64,
+        "crystalformer.gradient": "smoacs",
+    }
+
+
+def test_memory_options_do_not_change_the_candidates(perovskite_runs):
+    """The neighbour search in other chunks (a memory knob) gives the same run."""
+    _, reference = perovskite_runs
+    kwargs = dict(structure="perovskite", target=2.0, num_candidates=8, steps=30, checkpoint_every=15, progress=False)
+    chunked = jaxcrystal.optimize("bg_and_eform", seed=1, model_options={"crystal_chunk": 3, "atom_chunk": 2}, **kwargs)
+    assert list(chunked.table["formula"]) == list(reference.table["formula"])
+    np.testing.assert_allclose(chunked.batch.frac, reference.batch.frac, atol=1e-5)
+    np.testing.assert_allclose(chunked.batch.lattice, reference.batch.lattice, rtol=1e-5)

@@ -7,7 +7,7 @@ Options:
   truncation: "adaptive" (default; upstream's CUDA box, with which the released weights were trained) or
     "fixed" (upstream's pure-PyTorch 5×5×5 box, what SMOACS runs).
   gradient: "exact" (default) or "smoacs" (upstream's autograd, which drops the RBF-basis derivative).
-  chunk_size: (crystal, atom) query rows per attention block; None = automatic (≈256 MiB basis per block).
+  chunk_size: (crystal, atom) query rows per attention block; None = automatic (≈32 MiB basis per block).
   max_range: static bound (int or 3 ints) of the adaptive box. None: derived on the host from the lattice of each
     call (exact upstream behaviour), which needs a concrete lattice: under `jit`/`scan`, pass an int/tuple, e.g.
     `required_range(lattice_bounds, config)` for the smallest cell you will visit; `range_overflow(lattice,

@@ -55,6 +55,7 @@ class RunConfig:
     model: str = "cgcnn"
     weights: dict = dataclasses.field(default_factory=dict)
     model_config: str | None = None
+    model_options: dict = dataclasses.field(default_factory=dict)  # "[kind.]option" -> value, see `_model_options`
     num_candidates: int = 128
     batch_size: int = 128
     steps: int = 200
@@ -101,6 +102,14 @@ class RunConfig:
             raise ConfigError(f"task {self.task} maximizes {task.main}; it takes no target")
         if task.default_target is not None and target is None:
             target = task.default_target
+        for key in self.model_options:
+            kind, _, option = key.rpartition(".")
+            if kind and kind not in presets.MODELS:
+                raise ConfigError(
+                    f"model option {key!r}: unknown predictor kind {kind!r} ({', '.join(presets.MODELS)})"
+                )
+            if option in _OPTIMIZER_OWNED:
+                raise ConfigError(f"model option {key!r} is sized by the optimizer from the cells it can reach")
         if self.tolerance_window[0] > self.tolerance_window[1]:
             raise ConfigError(f"tolerance_window must be (low, high), got {self.tolerance_window}")
         return dataclasses.replace(
@@ -160,11 +169,12 @@ def load_property_models(config: RunConfig, reach=None, image_box=None) -> dict:
             source = config.weights[prop]
             kind, _, path = source.partition(":") if source.split(":", 1)[0] in presets.MODELS else ("", "", "")
             kind, path = (kind, path) if kind else (config.model, source)
-            predictor = _load_sized(kind, path, config.model_config, reach, image_box)
+            options = _model_options(config, kind)
+            predictor = _load_sized(kind, path, config.model_config, reach, image_box, options)
             models[prop] = PropertyModel(prop, predictor, None, units)
         elif config.model == "cgcnn" and prop in EMBEDDED:
             name, transform = EMBEDDED[prop]
-            predictor = _load_sized("cgcnn", name, None, reach, image_box)
+            predictor = _load_sized("cgcnn", name, None, reach, image_box, _model_options(config, "cgcnn"))
             models[prop] = PropertyModel(prop, predictor, transform, units)
         elif prop == task.second and config.second_coef == 0 and config.second_max is None:
             continue  # not optimized and not judged
@@ -177,17 +187,36 @@ def load_property_models(config: RunConfig, reach=None, image_box=None) -> dict:
     return models
 
 
-def _load_sized(kind: str, source, model_config, reach, image_box):
+_OPTIMIZER_OWNED = ("image_box", "max_range")
+
+
+def _model_options(config: RunConfig, kind: str) -> dict:
+    """The `model_options` that apply to predictors of `kind`.
+
+    A key "option" applies to the run's `model` kind (e.g. {"chunk_size": 64} with model="crystalformer"), a key
+    "kind.option" to that kind only (e.g. {"alignn.chunk_size": 16} for a tc=alignn:... model); the loaders
+    reject options they do not know. These are the memory/speed knobs: the same run on a GPU with room to spare
+    only needs larger chunks.
+    """
+    out = {}
+    for key, value in config.model_options.items():
+        owner, _, option = key.rpartition(".")
+        if (owner or config.model) == kind:
+            out[option] = value
+    return out
+
+
+def _load_sized(kind: str, source, model_config, reach, image_box, options: dict):
     """`load_predictor` with the static periodic range each kind needs for the cells of `reach`."""
     if kind in ("cgcnn", "alignn"):
-        options = {"image_box": image_box} if image_box else {}
-        return load_predictor(kind, source, config=model_config, **options)
-    predictor = load_predictor(kind, source, config=model_config)
+        sized = {"image_box": image_box} if image_box else {}
+        return load_predictor(kind, source, config=model_config, **options, **sized)
+    predictor = load_predictor(kind, source, config=model_config, **options)
     if kind == "crystalformer" and reach is not None:
         from jaxcrystal.models.crystalformer import required_range
 
         max_range = required_range(np.asarray(reach), predictor.metadata["config"])
-        predictor = load_predictor(kind, source, config=model_config, max_range=max_range)
+        predictor = load_predictor(kind, source, config=model_config, max_range=max_range, **options)
     return predictor
 
 
