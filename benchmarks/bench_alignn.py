@@ -33,28 +33,6 @@ from jaxcrystal.predictors import alignn as pa
 from jaxcrystal.predictors import load_predictor
 
 
-def random_variables(module: ALIGNN, batch, graph):
-    inputs = pa.flat_inputs(graph, *batch)
-    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))
-    rng = np.random.default_rng(0)
-
-    def init(path, leaf):
-        name = path[-1].key
-        if name == "var":
-            return jnp.ones(leaf.shape, jnp.float32)
-        if name == "scale":
-            return jnp.ones(leaf.shape, jnp.float32)
-        if name == "centers":
-            n = leaf.shape[0]
-            return jnp.linspace(-1.0, 1.0, n) if n == module.triplet_input_features else jnp.linspace(0.0, 8.0, n)
-        if name == "gamma":
-            return jnp.asarray(9.875 if path[-2].key.startswith("edge") else 19.5, jnp.float32)
-        fan_in = leaf.shape[0] if leaf.ndim == 2 else 256
-        return jnp.asarray(rng.normal(size=leaf.shape) / np.sqrt(fan_in), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(init, shapes)
-
-
 def timed(fn, *args, repeat: int):
     times = []
     for _ in range(repeat):
@@ -100,7 +78,7 @@ def run_case(case: str, args, run: bool) -> dict:
     row["overflow"] = int(graph.overflow.sum())
     if not args.ckpt:
         small = jax.tree.map(lambda x: x[:1], (graph, batch))
-        variables = random_variables(module, small[1], small[0])
+        variables = common.random_alignn_variables(module, small[1], small[0])
 
     def forward(lat, f, s):
         return pa.apply_with_graph(module, chunk, variables, graph, lat, f, s, mask)

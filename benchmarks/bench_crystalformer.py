@@ -24,28 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxcrystal.models.crystalformer import Crystalformer, CrystalformerConfig, required_range
+from jaxcrystal.models.crystalformer import CrystalformerConfig, required_range
 from jaxcrystal.models.periodic_attention import AUTO_BLOCK_BYTES, block_plan
 from jaxcrystal.predictors.crystalformer import load, make_apply
-
-
-def random_params(config: CrystalformerConfig, batch):
-    model = Crystalformer(config, truncation="fixed")
-    shapes = jax.eval_shape(model.init, jax.random.key(0), *batch)["params"]
-    rng = np.random.default_rng(0)
-    special = {"gauss_scale": np.array([20.0, 0.0]), "target_mean": np.zeros(1), "target_std": np.ones(1)}
-
-    def init(path, leaf):
-        name = path[-1].key
-        if name in special:
-            return jnp.asarray(special[name], jnp.float32)
-        fan_in = leaf.shape[0] if len(leaf.shape) > 1 else 16
-        return jnp.asarray(rng.normal(scale=fan_in**-0.5, size=leaf.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(init, shapes)
 
 
 def timed(fn, args, repeats: int):
@@ -116,7 +99,7 @@ def main(argv=None) -> int:
             config, params = predictor.metadata["config"], predictor.params
         else:
             config = CrystalformerConfig()
-            params = random_params(config, batch)
+            params = common.random_crystalformer_params(config, batch)
         max_range = required_range(batch[0], config)
         apply = make_apply(config, args.truncation, args.gradient, args.chunk_size, max_range)
         num_shifts = int(np.prod([2 * r + 1 for r in (max_range if args.truncation == "adaptive" else (2, 2, 2))]))

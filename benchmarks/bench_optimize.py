@@ -2,14 +2,18 @@
 
     python benchmarks/bench_optimize.py                         # 128 candidates x 200 steps, 1x1x1 and 3x3x3
     python benchmarks/bench_optimize.py --steps 20 --structures perovskite --json opt.json --markdown
+    python benchmarks/bench_optimize.py --model crystalformer --structures perovskite3x3x3 --steps 0 \
+        --segment 1 --repeats 1                                 # 128 x 135-atom Crystalformer steps
 
 The task is the paper's perovskite band-gap task (`bg_and_eform`, target 2.0 eV ± 0.2, E_form < -0.5 eV/atom,
-tolerance factor in [0.8, 1.0]) with the embedded CGCNN band-gap and formation-energy models. Per structure, in
-a fresh process (so that the peak RSS is the structure's own):
+tolerance factor in [0.8, 1.0]). `--model cgcnn` uses the embedded CGCNN band-gap and formation-energy models;
+`--model crystalformer` / `alignn` use random weights of the reference architectures (Crystalformer default.json,
+ALIGNN 4+4 layers × 256) for both properties, so their step costs are real and their success counts are not.
+Per structure, in a fresh process (so that the peak RSS is the structure's own):
   * the compiled loop exactly as `jaxcrystal.optimize` builds it: compile time of `init` and of one
-    `advance` segment (`--segment` steps in one `lax.scan`), the steady-state time per step (median over
-    `--repeats` segments), XLA's FLOPs per step (cost analysis counts the scan body once) and the utilization
-    against the float32 matmul rate measured in the same process just before;
+    `advance` segment (`--segment` steps in one `lax.scan`), XLA's temporary buffers for it, the steady-state
+    time per step (median over `--repeats` segments after a warm-up segment), the FLOPs per step (see
+    `measure_loop`) and the utilization against the float32 matmul rate measured in the same process before;
   * then the whole run, `jaxcrystal.optimize(..., steps=--steps)`: wall time (compilation, every step,
     discretization, evaluation), steps/s of the run, and the success table (successes, unique and novel ones).
 """
@@ -28,6 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 COLUMNS = [
+    ("model", "model", ""),
     ("structure", "structure", ""),
     ("atoms", "N", "d"),
     ("box", "image box", ""),
@@ -37,6 +42,7 @@ COLUMNS = [
     ("step_gflop", "GFLOP/step", ".1f"),
     ("matmul_gflops", "matmul GFLOP/s", ".0f"),
     ("step_util", "util %", ".0f"),
+    ("step_temp_mb", "XLA temp MB", ".0f"),
     ("steps", "steps", "d"),
     ("run_s", "run s", ".0f"),
     ("run_steps_per_s", "run steps/s", ".2f"),
@@ -47,66 +53,107 @@ COLUMNS = [
 ]
 
 
-def measure_loop(structure: str, candidates: int, segment: int, repeats: int, rate: float) -> dict:
-    """Compile and steady-state figures of the compiled loop the driver builds for this structure."""
+SINGLE_BLOCK = {  # options that evaluate one candidate without any inner loop (for counting FLOPs)
+    "cgcnn": lambda n: {"atom_chunk": n, "crystal_chunk": 1},
+    "crystalformer": lambda n: {"chunk_size": n},
+    "alignn": lambda n: {"chunk_size": 1, "atom_chunk": n},
+}
+
+
+def model_setup(model: str, directory: str) -> dict:
+    """RunConfig fields for the model: the embedded CGCNN models, or random weights of the reference
+    architecture for both properties (timing only: their successes mean nothing)."""
+    if model == "cgcnn":
+        return {"model": "cgcnn"}
+    weights = {
+        prop: common.random_weights_file(model, os.path.join(directory, f"{model}_{prop}.npz"), seed=i)
+        for i, prop in enumerate(("band_gap", "formation_energy"))
+    }
+    return {"model": model, "weights": weights}
+
+
+def compiled_loop(structure: str, candidates: int, setup: dict, segment: int, model_options=None):
+    """(compiled init, compiled advance of `segment` steps, arguments, compile seconds, image box, N)."""
     from jaxcrystal.smoacs import driver
     from jaxcrystal.smoacs import parametrization as pz
     from jaxcrystal.smoacs.problem import build_problem
 
-    config = driver.RunConfig(structure=structure, num_candidates=candidates, steps=200, seed=0).resolved()
+    config = driver.RunConfig(
+        structure=structure, num_candidates=candidates, steps=200, seed=0, model_options=model_options or {}, **setup
+    ).resolved()
     pool = driver._templates(config)
     engine = driver._Engine(config, pool)
     problem, lengths, angles = build_problem(pool, config.max_patterns, config.radius_convention, 0)
     problem = jax.tree.map(jnp.asarray, problem)
     variables = pz.initial_variables(lengths, angles, problem)
     loop, params, rng = engine.compiled, engine.params, jax.random.key(0)
-    row = {"box": "x".join(str(m) for m in engine.box), "atoms": int(problem.atom_mask.shape[1])}
-
     start = time.perf_counter()
     init = loop.init.lower(params, variables, problem, rng).compile()
-    row["init_compile_s"] = time.perf_counter() - start
+    init_s = time.perf_counter() - start
     state = init(params, variables, problem, rng)
     lowered = loop.advance.lower(params, state, segment)
     start = time.perf_counter()
     advance = lowered.compile()
-    row["advance_compile_s"] = time.perf_counter() - start
-    flops = common.xla_flops(advance)  # the scan body once: one step
+    advance_s = time.perf_counter() - start
+    return advance, params, state, (init_s, advance_s), engine.box, int(problem.atom_mask.shape[1])
+
+
+def measure_loop(structure: str, setup: dict, args, rate: float) -> dict:
+    """Compile and steady-state figures of the compiled loop the driver builds for this structure.
+
+    FLOPs: XLA's cost analysis counts a loop body once, and the step contains loops over attention blocks,
+    ALIGNN chunks and neighbour-search chunks. So the FLOPs of one step are counted on a one-candidate loop
+    compiled without any inner loop (`SINGLE_BLOCK` options) and multiplied by the number of candidates.
+    """
+    advance, params, state, (init_s, advance_s), box, atoms = compiled_loop(
+        structure, args.candidates, setup, args.segment
+    )
+    row = {"box": "x".join(str(m) for m in box), "atoms": atoms}
+    row["init_compile_s"], row["advance_compile_s"] = init_s, advance_s
+    row["step_temp_mb"] = common.xla_temp_bytes(advance) / 2**20
     times = []
     state, _ = jax.block_until_ready(advance(params, state))  # warm-up
-    for _ in range(repeats):
+    for _ in range(args.repeats):
         t = time.perf_counter()
         state, _ = jax.block_until_ready(advance(params, state))
-        times.append((time.perf_counter() - t) / segment)
+        times.append((time.perf_counter() - t) / args.segment)
     row["step_s"] = float(np.median(times))
     row["step_min_s"] = float(np.min(times))
+    single = SINGLE_BLOCK[setup["model"]](atoms)
+    one = compiled_loop(structure, 1, setup, 1, single)[0]
+    flops = common.xla_flops(one) * args.candidates
     row["step_gflop"] = flops / 1e9
     row["step_util"] = common.utilization(flops, row["step_min_s"], rate)
-    row["step_temp_mb"] = common.xla_temp_bytes(advance) / 2**20
     return row
 
 
 def single(structure: str, args) -> dict:
+    import tempfile
+
     import jaxcrystal
 
     rate = common.matmul_rate()  # measured again next to the case: the rate a busy machine gives now
-    row = {"structure": structure, "candidates": args.candidates, "matmul_gflops": rate}
-    row.update(measure_loop(structure, args.candidates, args.segment, args.repeats, rate))
-    row["loop_peak_rss_mb"] = common.peak_rss_mb()
-    if args.steps > 0:
-        start = time.perf_counter()
-        result = jaxcrystal.optimize(
-            "bg_and_eform",
-            structure=structure,
-            num_candidates=args.candidates,
-            steps=args.steps,
-            seed=0,
-            progress=False,
-        )
-        row["steps"] = args.steps
-        row["run_s"] = time.perf_counter() - start
-        row["run_steps_per_s"] = args.steps / row["run_s"]
-        summary = {k: (float(v) if isinstance(v, np.floating) else v) for k, v in result.summary.items()}
-        row.update({k: v for k, v in summary.items() if k.startswith("num_") or k.endswith("_rate")})
+    row = {"structure": structure, "model": args.model, "candidates": args.candidates, "matmul_gflops": rate}
+    with tempfile.TemporaryDirectory() as directory:
+        setup = model_setup(args.model, directory)
+        row.update(measure_loop(structure, setup, args, rate))
+        row["loop_peak_rss_mb"] = common.peak_rss_mb()
+        if args.steps > 0:
+            start = time.perf_counter()
+            result = jaxcrystal.optimize(
+                "bg_and_eform",
+                structure=structure,
+                num_candidates=args.candidates,
+                steps=args.steps,
+                seed=0,
+                progress=False,
+                **setup,
+            )
+            row["steps"] = args.steps
+            row["run_s"] = time.perf_counter() - start
+            row["run_steps_per_s"] = args.steps / row["run_s"]
+            summary = {k: (float(v) if isinstance(v, np.floating) else v) for k, v in result.summary.items()}
+            row.update({k: v for k, v in summary.items() if k.startswith("num_") or k.endswith("_rate")})
     row["peak_rss_mb"] = common.peak_rss_mb()
     return row
 
@@ -114,6 +161,12 @@ def single(structure: str, args) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--structures", nargs="+", default=["perovskite", "perovskite3x3x3"])
+    parser.add_argument(
+        "--model",
+        choices=sorted(SINGLE_BLOCK),
+        default="cgcnn",
+        help="cgcnn: the embedded models; crystalformer/alignn: random weights of the reference architecture",
+    )
     parser.add_argument("--candidates", type=int, default=128)
     parser.add_argument("--steps", type=int, default=200, help="steps of the whole run (0: loop figures only)")
     parser.add_argument("--segment", type=int, default=5, help="steps per timed scan segment")
@@ -132,7 +185,16 @@ def main(argv=None) -> int:
     rate = common.matmul_rate()
     print(f"{info['date']}  {info['cpu']}, {info['cores']} cores, {info['memory_GiB']} GiB, jax {info['jax']}")
     print(f"float32 matmul rate (1024², best of 10): {rate:.1f} GFLOP/s; load average {info['load_average_1min']:.1f}")
-    extra = ["--candidates", str(args.candidates), "--steps", str(args.steps), "--segment", str(args.segment)]
+    extra = [
+        "--model",
+        args.model,
+        "--candidates",
+        str(args.candidates),
+        "--steps",
+        str(args.steps),
+        "--segment",
+        str(args.segment),
+    ]
     extra += ["--repeats", str(args.repeats)]
     rows = []
     for structure in args.structures:

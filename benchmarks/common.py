@@ -65,6 +65,76 @@ def perovskite_crystals(num_crystals: int, cells: int, seed: int = 0, soft: bool
     )
 
 
+def random_crystalformer_params(config, batch, seed: int = 0):
+    """Random Crystalformer parameters of architecture `config` (scaled normal; frozen Gaussian scale [20, 0])."""
+    from jaxcrystal.models.crystalformer import Crystalformer
+
+    shapes = jax.eval_shape(Crystalformer(config, truncation="fixed").init, jax.random.key(0), *batch)["params"]
+    rng = np.random.default_rng(seed)
+    special = {"gauss_scale": np.array([20.0, 0.0]), "target_mean": np.zeros(1), "target_std": np.ones(1)}
+
+    def init(path, leaf):
+        name = path[-1].key
+        if name in special:
+            return jnp.asarray(special[name], jnp.float32)
+        fan_in = leaf.shape[0] if len(leaf.shape) > 1 else 16
+        return jnp.asarray(rng.normal(scale=fan_in**-0.5, size=leaf.shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(init, shapes)
+
+
+def random_alignn_variables(module, batch, graph, seed: int = 0):
+    """Random ALIGNN variables for `module` (unit BatchNorm statistics, upstream's RBF centres and widths)."""
+    from jaxcrystal.predictors.alignn import flat_inputs
+
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *flat_inputs(graph, *batch)))
+    rng = np.random.default_rng(seed)
+
+    def init(path, leaf):
+        name = path[-1].key
+        if name in ("var", "scale"):
+            return jnp.ones(leaf.shape, jnp.float32)
+        if name == "centers":
+            n = leaf.shape[0]
+            return jnp.linspace(-1.0, 1.0, n) if n == module.triplet_input_features else jnp.linspace(0.0, 8.0, n)
+        if name == "gamma":
+            return jnp.asarray(9.875 if path[-2].key.startswith("edge") else 19.5, jnp.float32)
+        fan_in = leaf.shape[0] if leaf.ndim == 2 else 256
+        return jnp.asarray(rng.normal(size=leaf.shape) / np.sqrt(fan_in), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(init, shapes)
+
+
+def random_weights_file(kind: str, path, seed: int = 0) -> str:
+    """Writes random weights of the reference architecture (Crystalformer default.json; ALIGNN 4+4 layers, 256
+    wide) as a converted-weights `.npz` that `load_predictor(kind, path)` reads; for timing runs only."""
+    from jaxcrystal import alignn_graph, weights_file
+
+    tiny = perovskite_crystals(1, 1, seed)[:4]
+    if kind == "crystalformer":
+        from converters.crystalformer import FORMAT
+        from jaxcrystal.models.crystalformer import CrystalformerConfig
+
+        config = CrystalformerConfig()
+        variables = random_crystalformer_params(config, tiny, seed)
+        metadata = {"format": FORMAT, "config": config.to_dict(), "target": "random", "name": "random"}
+    elif kind == "alignn":
+        from converters.alignn import FORMAT
+        from jaxcrystal.models.alignn import ALIGNN
+
+        graph = alignn_graph.build_graph(*tiny[:2], tiny[3], box=3)
+        variables = random_alignn_variables(ALIGNN(), tiny, graph, seed)
+        metadata = {"format": FORMAT, "kind": "alignn", "name": "random", "hyperparameters": {}}
+        metadata["graph"] = {"use_canonize": True}
+    else:
+        raise ValueError(f"no random weights for {kind!r}")
+    metadata.update(units="random units", source="random weights (benchmarks/common.py)", seed=seed)
+    variables = jax.tree.map(np.asarray, variables)
+    with open(path, "wb") as f:
+        f.write(weights_file.weights_bytes(variables, metadata))
+    return str(path)
+
+
 def steady(fn, args, repeats: int = 3) -> dict:
     """Median and minimum wall time (s) and CPU time (s, all threads) of `fn(*args)` after one warm-up call."""
     jax.block_until_ready(fn(*args))
