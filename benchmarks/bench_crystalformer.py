@@ -4,70 +4,52 @@
     python benchmarks/bench_crystalformer.py --cases 128x5 8x135 --truncation fixed --chunk-size 64 --json out.json
     python benchmarks/bench_crystalformer.py --ckpt megnet-bandgap-layer4.ckpt --config default.json
 
-Prints, per batch: compile time (forward; forward+gradient w.r.t. lattice, frac and species), the median run
-time, the FLOPs XLA reports for the compiled program, XLA's temporary-buffer size, and the process peak RSS
-(monotone over the run, so run one case per process for a clean figure). XLA's cost analysis counts the body of
-a loop once, so its FLOPs cover one attention block per layer, not the whole batch; the analytic count printed
-next to it is 2·P·H·M·K per layer for the dominant contraction (P = Σ N², M translations, K basis functions).
+Per batch B x N (rattled perovskite supercells, soft species), in this process: compile time, the median and
+minimum of `--repeats` calls after a warm-up (forward; forward+gradient w.r.t. lattice, frac and species), XLA's
+temporary buffers, the FLOPs and the utilization against the float32 matmul rate measured next to the case, and
+the process peak RSS (monotone over the run: run one case per process for a clean figure).
+
+FLOPs: XLA's cost analysis counts a loop body once, and the attention runs as a loop over query blocks; so the
+FLOPs are those of one crystal compiled as a single block, times B (the work is linear in B).
 Without `--ckpt` the weights are random (default.json architecture; the cost does not depend on the values).
 """
 
 import argparse
-import json
-import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-import jax
-import numpy as np
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
-from jaxcrystal.models.crystalformer import CrystalformerConfig, required_range
-from jaxcrystal.models.periodic_attention import AUTO_BLOCK_BYTES, block_plan
-from jaxcrystal.predictors.crystalformer import load, make_apply
+from jaxcrystal.models.crystalformer import CrystalformerConfig, required_range  # noqa: E402
+from jaxcrystal.models.periodic_attention import AUTO_BLOCK_BYTES, block_plan  # noqa: E402
+from jaxcrystal.predictors.crystalformer import load, make_apply  # noqa: E402
+
+COLUMNS = [
+    ("case", "case", ""),
+    ("blocks", "block (CxQ)", ""),
+    ("mode", "mode", ""),
+    ("compile_s", "compile s", ".1f"),
+    ("median_s", "run s", ".3f"),
+    ("gflop", "GFLOP", ".1f"),
+    ("matmul_gflops", "matmul GFLOP/s", ".0f"),
+    ("util", "util %", ".0f"),
+    ("temp_mb", "XLA temp MB", ".0f"),
+    ("peak_rss_mb", "peak RSS MB", ".0f"),
+]
 
 
-def timed(fn, args, repeats: int):
-    jax.block_until_ready(fn(*args))  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def measure(apply, params, batch, repeats: int, modes=("forward", "forward+grad")) -> dict:
-    lattice, frac, species, mask = batch
-
+def functions(apply, params, mask):
     def forward(lattice, frac, species):
         return apply(params, lattice, frac, species, mask)
 
     def value_and_grad(lattice, frac, species):
         return jax.value_and_grad(lambda *a: forward(*a).sum(), argnums=(0, 1, 2))(lattice, frac, species)
 
-    result = {}
-    for name, fn in (("forward", forward), ("forward+grad", value_and_grad)):
-        if name not in modes:
-            continue
-        start = time.perf_counter()
-        compiled = jax.jit(fn).lower(lattice, frac, species).compile()
-        compile_s = time.perf_counter() - start
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        memory = compiled.memory_analysis()
-        result[name] = {
-            "compile_s": compile_s,
-            "run_s": timed(compiled, (lattice, frac, species), repeats),
-            "gflops": float(cost.get("flops", float("nan"))) / 1e9 if cost else float("nan"),
-            "temp_mb": getattr(memory, "temp_size_in_bytes", 0) / 2**20 if memory else float("nan"),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        }
-    return result
+    return {"forward": forward, "forward+grad": value_and_grad}
 
 
 def main(argv=None) -> int:
@@ -81,18 +63,15 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--modes", nargs="+", choices=["forward", "forward+grad"], default=["forward", "forward+grad"])
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--markdown", action="store_true", help="also print the table in Markdown")
     args = parser.parse_args(argv)
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device(s))")
+    info = common.machine()
+    print(f"{info['date']}  {info['cpu']}, {info['cores']} cores, jax {info['jax']} on {info['platform']}")
     print(f"truncation={args.truncation} gradient={args.gradient} chunk_size={args.chunk_size or 'auto'}")
-    header = f"{'batch':>8} {'blocks(CxQ)':>11} {'mode':>13} {'compile s':>10} {'run s':>9} {'GFLOP':>9} "
-    print(header + f"{'XLA temp MB':>12} {'peak RSS MB':>12} {'analytic GFLOP (fwd)':>21}")
-    results = []
+    rows = []
     for case in args.cases:
-        num_crystals, num_atoms = (int(v) for v in case.lower().split("x"))
-        cells = round((num_atoms / 5) ** (1 / 3))
-        if 5 * cells**3 != num_atoms:
-            parser.error(f"{case}: N must be 5 * cells³ (5, 40, 135, ...)")
+        num_crystals, num_atoms, cells = common.parse_case(case)
         batch = common.perovskite_crystals(num_crystals, cells)[:4]
         if args.ckpt:
             predictor = load(args.ckpt, args.config, args.truncation, args.gradient, args.chunk_size)
@@ -101,23 +80,32 @@ def main(argv=None) -> int:
             config = CrystalformerConfig()
             params = common.random_crystalformer_params(config, batch)
         max_range = required_range(batch[0], config)
-        apply = make_apply(config, args.truncation, args.gradient, args.chunk_size, max_range)
-        num_shifts = int(np.prod([2 * r + 1 for r in (max_range if args.truncation == "adaptive" else (2, 2, 2))]))
+        shifts = max_range if args.truncation == "adaptive" else (config.lattice_range,) * 3
+        num_shifts = int(np.prod([2 * r + 1 for r in shifts]))
         plan = block_plan(num_crystals, num_atoms, num_shifts, config.value_pe_dist_real, 4, args.chunk_size)
-        row = measure(apply, params, batch, args.repeats, args.modes)
-        pairs = num_crystals * num_atoms**2
-        heads, basis = config.head_num, config.value_pe_dist_real
-        analytic = 2 * pairs * heads * num_shifts * basis * config.num_layers / 1e9
-        for mode, m in row.items():
-            print(
-                f"{case:>8} {f'{plan[0]}x{plan[1]}':>11} {mode:>13} {m['compile_s']:10.1f} {m['run_s']:9.3f} "
-                f"{m['gflops']:9.1f} {m['temp_mb']:12.0f} {m['peak_rss_mb']:12.0f} {analytic:21.0f}",
-                flush=True,
-            )
-        results.append({"case": case, "max_range": max_range, "blocks": plan, **row})
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "auto_block_bytes": AUTO_BLOCK_BYTES, "results": results}, f, indent=1)
+        apply = make_apply(config, args.truncation, args.gradient, args.chunk_size, max_range)
+        one_block = make_apply(config, args.truncation, args.gradient, num_atoms, max_range)
+        one = jax.tree.map(lambda x: x[:1], batch)
+        for mode, fn in functions(apply, params, batch[3]).items():
+            if mode not in args.modes:
+                continue
+            compiled, compile_s, _, temp = common.compile_fn(fn, *batch[:3])
+            flops = common.compile_fn(functions(one_block, params, one[3])[mode], *one[:3])[2] * num_crystals
+            rate = common.matmul_rate()
+            timing = common.steady(compiled, batch[:3], args.repeats)
+            row = {"case": case, "blocks": f"{plan[0]}x{plan[1]}", "mode": mode, "compile_s": compile_s, **timing}
+            row.update(gflop=flops / 1e9, matmul_gflops=rate, temp_mb=temp / 2**20, max_range=max_range)
+            row["util"] = common.utilization(flops, timing["min_s"], rate)
+            row["peak_rss_mb"] = common.peak_rss_mb()
+            rows.append(row)
+            common.print_table([row], COLUMNS)
+    print()
+    common.print_table(rows, COLUMNS)
+    if args.markdown:
+        print(common.markdown_table(rows, COLUMNS))
+    common.write_json(
+        args.json, {"machine": info, "args": vars(args), "auto_block_bytes": AUTO_BLOCK_BYTES, "results": rows}
+    )
     return 0
 
 
