@@ -56,7 +56,7 @@ COLUMNS = [
     ("ratio_graph", "featurize ratio", ".0f"),
     ("ratio_forward", "fwd ratio", ".1f"),
     ("ratio_grad", "fwd+grad ratio", ".1f"),
-    ("max_abs_diff", "max |Δ|", ".1e"),
+    ("max_abs_diff", "max Δ eV", ".1e"),
     ("peak_rss_mb", "peak RSS MB", ".0f"),
 ]
 

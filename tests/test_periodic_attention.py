@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcrystal.models.periodic_attention import periodic_attention, translation_grid
+from jaxcrystal.models.periodic_attention import block_plan, periodic_attention, translation_grid
 
 RANGES = (2, 1, 2)
 CENTERS = np.arange(1, 9) * 0.8
@@ -77,3 +77,14 @@ def test_custom_backward_equals_autodiff(exact, chunk_size, x64):
     for name, g, w in zip(("q", "k", "v", "gamma", "lattice", "frac"), got, want, strict=True):
         scale = float(jnp.max(jnp.abs(w)))
         assert float(jnp.max(jnp.abs(g - w))) <= 1e-12 * scale, name
+
+
+def test_block_plan_balances_blocks():
+    # 128 five-atom crystals, 125 translations, 64 basis functions, float32: at most 41 crystals fit 32 MiB;
+    # four blocks of 32 (no padding), not 41 + 41 + 41 + 5.
+    assert block_plan(128, 5, 125, 64, 4) == (32, 5)
+    assert block_plan(8, 135, 125, 64, 4, chunk_size=100) == (1, 68)  # 2 blocks of 68 query rows for 135 atoms
+    for b, chunk in [(7, 10), (100, 30), (128, 41), (3, 2)]:
+        c, _ = block_plan(b, 1, 1, 1, 4, chunk_size=chunk)
+        blocks = -(-b // c)
+        assert c <= chunk and blocks == -(-b // min(chunk, b)) and blocks * c - b < blocks

@@ -178,13 +178,15 @@ def block_plan(num_crystals: int, num_atoms: int, num_shifts: int, num_basis: in
 
     `chunk_size` is the number of (crystal, query atom) rows per block; None picks the largest block whose basis
     tensor φ [rows, N, M, K] fits `AUTO_BLOCK_BYTES`. A block holds whole crystals when `chunk_size >= N`,
-    otherwise a near-equal slice of one crystal's atoms.
+    otherwise a near-equal slice of one crystal's atoms; blocks are as equal as possible, so that padding stays
+    below one crystal (or atom) per block.
     """
     if chunk_size is None:
         chunk_size = AUTO_BLOCK_BYTES // (num_atoms * num_shifts * num_basis * itemsize)
     chunk_size = max(1, int(chunk_size))
     if chunk_size >= num_atoms:
-        return max(1, min(num_crystals, chunk_size // num_atoms)), num_atoms
+        largest = max(1, min(num_crystals, chunk_size // num_atoms))
+        return math.ceil(num_crystals / math.ceil(num_crystals / largest)), num_atoms  # equal blocks, least padding
     num_query_blocks = math.ceil(num_atoms / chunk_size)
     return 1, math.ceil(num_atoms / num_query_blocks)
 

@@ -13,7 +13,8 @@ Options:
   degree: per-atom degree budget D: edge capacity D*N, line-graph capacity D^2*N (default
     `jaxcrystal.alignn_graph.default_degree(N, canonize)`).
   atom_chunk: atoms searched at once per crystal (neighbour-search memory knob, default 32).
-  chunk_size: crystals evaluated at once (default: as many as fit 2^18 line-graph slots); chunks run one after
+  chunk_size: most crystals evaluated at once (default: as many as fit 2^18 line-graph slots; the batch is split
+    into equal chunks of at most this size, so padding stays below one crystal per chunk); chunks run one after
     another under `jax.checkpoint`, so the backward pass keeps only one chunk's activations. Exact: candidates
     are independent (eval-mode normalization).
   remat: recompute each ALIGNN/GCN layer in the backward pass (default True; same numbers, less memory).
@@ -94,11 +95,12 @@ def apply_with_graph(module, chunk_size, variables, graph, lattice, frac, specie
     lattice, frac = jnp.asarray(lattice), jnp.asarray(frac)
     species, mask = jnp.asarray(species), jnp.asarray(mask, dtype=bool)
     b = mask.shape[0]
-    chunk = chunk_size or max(1, TRIPLETS_PER_CHUNK // max(1, graph.lg_src.shape[1]))
+    largest = chunk_size or max(1, TRIPLETS_PER_CHUNK // max(1, graph.lg_src.shape[1]))
     forward = functools.partial(_chunk_forward, module, variables)
-    if b <= chunk:
+    if b <= largest:
         return forward(graph, lattice, frac, species, mask)
-    n_chunks = -(-b // chunk)
+    n_chunks = -(-b // largest)
+    chunk = -(-b // n_chunks)  # equal chunks: fewer than n_chunks padding copies (not up to `largest` - 1)
     pad = n_chunks * chunk - b
 
     def split(x):  # [B, ...] -> [n_chunks, chunk, ...], padded with copies of the last crystal
