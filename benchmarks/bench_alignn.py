@@ -68,7 +68,8 @@ def run_case(case: str, args, run: bool) -> dict:
     build = jax.jit(lambda lat, f, m: alignn_graph.build_graph(lat, f, m, box=box))
     e_cap, t_cap = alignn_graph.capacities(n)
     chunk = args.chunk_size or max(1, pa.TRIPLETS_PER_CHUNK // t_cap)
-    row = {"case": case, "edge_capacity": e_cap, "triplet_capacity": t_cap, "chunk_size": min(chunk, b)}
+    chunks = -(-b // chunk)
+    row = {"case": case, "edge_capacity": e_cap, "triplet_capacity": t_cap, "chunk_size": -(-b // chunks)}
     row["remat"] = not args.no_remat
     start = time.perf_counter()
     graph = jax.block_until_ready(build(lattice, frac, mask))
