@@ -97,12 +97,15 @@ def _make_block(shifts, centers, width: float, exact_basis_gradient: bool, with_
     to (agg_v [Q, H, D], agg_basis [Q, H, K]).
 
     The forward pass keeps only the inputs and the softmax statistics [Q, H] for the backward pass, which
-    rebuilds distances, weights w and basis φ and needs a single contraction with φ:
-      G_hp = Σ_k ḡ_hk φ_pk (+ Σ_c ḡv_hc v_nhc),   Gμ_hp = Σ_k ḡ_hk μ_k φ_pk      (one [2H, K] x [K, P] product)
-      ∂L/∂logit_hp = w_hp (G_hp - Σ_p' w_hp' G_hp')   (the inner sum is ḡ·agg_basis + ḡv·agg_v)
-      ∂L/∂d_p      = Σ_h w_hp (Gμ_hp - d_p Gb_hp) / s²   (dφ_k/dd = (μ_k - d) φ_k / s²; absent for "smoacs")
-    so the [Q, N, M, K] tensor of ∂L/∂φ is never formed. Autodiff of the same forward pass materializes it and
-    re-evaluates φ's exponentials; this backward pass is about half as expensive and exact.
+    rebuilds distances, weights w and basis φ (p = key atom n and translation m) and needs a single contraction
+    with φ, for the cotangents ḡ [Q, H, K] of agg_basis and ḡv [Q, H, D] of agg_v:
+      Gb_hp = Σ_k ḡ_hk φ_pk,   Gμ_hp = Σ_k ḡ_hk μ_k φ_pk          (one [2H, K] x [K, P] product)
+      G_hp  = Gb_hp + Σ_c ḡv_hc v_nhc
+      ∂L/∂logit_hp = w_hp (G_hp - Σ_p' w_hp' G_hp')     (the inner sum is ḡ·agg_basis + ḡv·agg_v)
+      ∂L/∂d_p      = Σ_h w_hp (Gμ_hp - d_p Gb_hp) / s²  (dφ_k/dd = (μ_k - d) φ_k / s²; absent for "smoacs")
+    so the [Q, N, M, K] tensor ∂L/∂φ is never formed. Autodiff of the same forward pass materializes it and
+    re-evaluates φ's exponentials; this backward pass is exact and made forward+gradient 1.5x faster (8 x 135
+    atoms, same blocks). Being a `custom_vjp`, it supports reverse mode only (`jax.grad`, not `jax.jvp`).
     """
     shifts = np.asarray(shifts)
     centers_np = np.asarray(centers)
@@ -145,8 +148,8 @@ def _make_block(shifts, centers, width: float, exact_basis_gradient: bool, with_
         projected = jnp.einsum("qjk,qnmk->qjnm", rows, basis, precision=HIGHEST)
         g_b, g_mu = projected[:, :heads], projected[:, heads:]  # [Q, H, N, M]
         g_vn = jnp.einsum("qhc,nhc->qhn", g_v, v, precision=HIGHEST)
-        mean = jnp.sum(g_basis * agg_basis, axis=-1) + jnp.sum(g_v * agg_v, axis=-1)  # [Q, H]
-        g_logits = weights * (g_b + g_vn[..., None] - mean[:, :, None, None])
+        expected = jnp.sum(g_basis * agg_basis, axis=-1) + jnp.sum(g_v * agg_v, axis=-1)  # Σ_p w G, [Q, H]
+        g_logits = weights * (g_b + g_vn[..., None] - expected[:, :, None, None])
 
         g_scores = jnp.sum(g_logits, axis=-1) / jnp.sqrt(jnp.asarray(q.shape[-1], dtype))  # [Q, H, N]
         g_q = jnp.einsum("qhn,nhc->qhc", g_scores, k, precision=HIGHEST)
