@@ -73,7 +73,13 @@ def model_setup(model: str, directory: str) -> dict:
 
 
 def compiled_loop(structure: str, candidates: int, setup: dict, segment: int, model_options=None):
-    """(compiled init, compiled advance of `segment` steps, arguments, compile seconds, image box, N)."""
+    """The loop `jaxcrystal.optimize` builds, compiled for `candidates` candidates of `structure`.
+
+    Returns (compiled advance of `segment` steps, model parameters, initial loop state, (init compile s, advance
+    compile s), neighbour-search image box, atoms per candidate N). The image box depends only on the structure
+    family (perovskite cells never shrink below 2 Å per cell), so a one-candidate loop has the same shapes per
+    candidate as the full batch.
+    """
     from jaxcrystal.smoacs import driver
     from jaxcrystal.smoacs import parametrization as pz
     from jaxcrystal.smoacs.problem import build_problem
