@@ -28,8 +28,8 @@ import numpy as np
 HIGHEST = jax.lax.Precision.HIGHEST
 
 # Automatic block size: the number of query rows whose basis tensor φ [rows, N, M, K] fits this many bytes.
-# 32 MiB (7 rows of a 135-atom crystal with 125 translations) was the fastest forward+gradient on a 2-core CPU
-# among 2-45 rows per block (`benchmarks/bench_crystalformer.py --chunk-size`); a GPU wants larger blocks.
+# 32 MiB is 7 rows of a 135-atom crystal with 125 translations; on a 2-core CPU, 8 rows per block gave the fastest
+# forward+gradient of 2, 8 and 45 (`benchmarks/bench_crystalformer.py --chunk-size`). A GPU wants larger blocks.
 AUTO_BLOCK_BYTES = 32 * 2**20
 
 _MASKED_LOGIT = -1e30  # finite, so that fully masked (padding) rows stay NaN-free
