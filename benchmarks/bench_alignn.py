@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcrystal import alignn_graph
+from jaxcrystal.compile_options import compiler_options
 from jaxcrystal.models.alignn import ALIGNN
 from jaxcrystal.predictors import alignn as pa
 from jaxcrystal.predictors import load_predictor
@@ -44,7 +45,7 @@ def timed(fn, *args, repeat: int):
 
 def compile_stats(fn, *args):
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    compiled = jax.jit(fn, compiler_options=compiler_options()).lower(*args).compile()
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     temp = getattr(memory, "temp_size_in_bytes", None) if memory is not None else None

@@ -10,7 +10,8 @@ temporary buffers, the FLOPs and the utilization against the float32 matmul rate
 the process peak RSS (monotone over the run: run one case per process for a clean figure).
 
 FLOPs: XLA's cost analysis counts a loop body once, and the attention runs as a loop over query blocks; so the
-FLOPs are those of one crystal compiled as a single block, times B (the work is linear in B).
+FLOPs are those of one crystal compiled as a single block, times B (the work is linear in B). With a basis window
+(`--basis-window`, default: sized for the case's cells) they are the windowed branch's (`common.window_branch_only`).
 Without `--ckpt` the weights are random (default.json architecture; the cost does not depend on the values).
 """
 
@@ -24,7 +25,7 @@ import common  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxcrystal.models.crystalformer import CrystalformerConfig, required_range  # noqa: E402
+from jaxcrystal.models.crystalformer import CrystalformerConfig, required_range, required_window  # noqa: E402
 from jaxcrystal.models.periodic_attention import AUTO_BLOCK_BYTES, block_plan  # noqa: E402
 from jaxcrystal.predictors.crystalformer import load, make_apply  # noqa: E402
 
@@ -58,6 +59,9 @@ def main(argv=None) -> int:
     parser.add_argument("--truncation", choices=["adaptive", "fixed"], default="adaptive")
     parser.add_argument("--gradient", choices=["exact", "smoacs"], default="exact")
     parser.add_argument("--chunk-size", type=int, default=None, help="query rows per attention block")
+    parser.add_argument(
+        "--basis-window", default="auto", help="RBF basis window: auto (per batch), off (whole box), or an int"
+    )
     parser.add_argument("--ckpt", help="upstream .ckpt or converted .npz (default: random default.json weights)")
     parser.add_argument("--config", help="default.json for --ckpt")
     parser.add_argument("--repeats", type=int, default=2)
@@ -68,7 +72,15 @@ def main(argv=None) -> int:
 
     info = common.machine()
     print(f"{info['date']}  {info['cpu']}, {info['cores']} cores, jax {info['jax']} on {info['platform']}")
-    print(f"truncation={args.truncation} gradient={args.gradient} chunk_size={args.chunk_size or 'auto'}")
+    window = (
+        {"auto": "auto", "off": None}[args.basis_window]
+        if args.basis_window in ("auto", "off")
+        else int(args.basis_window)
+    )
+    print(
+        f"truncation={args.truncation} gradient={args.gradient} chunk_size={args.chunk_size or 'auto'} "
+        f"basis_window={args.basis_window}"
+    )
     rows = []
     for case in args.cases:
         num_crystals, num_atoms, cells = common.parse_case(case)
@@ -83,18 +95,21 @@ def main(argv=None) -> int:
         shifts = max_range if args.truncation == "adaptive" else (config.lattice_range,) * 3
         num_shifts = int(np.prod([2 * r + 1 for r in shifts]))
         plan = block_plan(num_crystals, num_atoms, num_shifts, config.value_pe_dist_real, 4, args.chunk_size)
-        apply = make_apply(config, args.truncation, args.gradient, args.chunk_size, max_range)
-        one_block = make_apply(config, args.truncation, args.gradient, num_atoms, max_range)
+        case_window = required_window(batch[0], config) if window == "auto" else window  # static under jit
+        apply = make_apply(config, args.truncation, args.gradient, args.chunk_size, max_range, case_window)
+        one_block = make_apply(config, args.truncation, args.gradient, num_atoms, max_range, case_window)
         one = jax.tree.map(lambda x: x[:1], batch)
         for mode, fn in functions(apply, params, batch[3]).items():
             if mode not in args.modes:
                 continue
             compiled, compile_s, _, temp = common.compile_fn(fn, *batch[:3])
-            flops = common.compile_fn(functions(one_block, params, one[3])[mode], *one[:3])[2] * num_crystals
+            with common.window_branch_only():  # the cells are covered: count the branch that runs
+                flops = common.compile_fn(functions(one_block, params, one[3])[mode], *one[:3])[2] * num_crystals
             rate = common.matmul_rate()
             timing = common.steady(compiled, batch[:3], args.repeats)
             row = {"case": case, "blocks": f"{plan[0]}x{plan[1]}", "mode": mode, "compile_s": compile_s, **timing}
             row.update(gflop=flops / 1e9, matmul_gflops=rate, temp_mb=temp / 2**20, max_range=max_range)
+            row["basis_window"] = case_window
             row["util"] = common.utilization(flops, timing["min_s"], rate)
             row["peak_rss_mb"] = common.peak_rss_mb()
             rows.append(row)

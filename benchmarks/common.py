@@ -10,6 +10,7 @@ Conventions used by every script:
   * the peak host memory of a case is the `ru_maxrss` of a fresh process that ran only that case.
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -23,6 +24,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxcrystal.compile_options import compiler_options
 
 PEROVSKITE_FRAC = np.array([[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
 SRTIO3 = (38, 22, 8, 8, 8)  # Z of the five perovskite sites (A, B, X, X, X)
@@ -147,9 +150,14 @@ def steady(fn, args, repeats: int = 3) -> dict:
     return {"median_s": statistics.median(wall), "min_s": min(wall), "cpu_s": statistics.median(cpu)}
 
 
-def compile_fn(fn, *args, static_argnums=()):
-    """(compiled, compile seconds, XLA FLOPs, XLA temporary bytes) of `jit(fn)` for these arguments."""
-    lowered = jax.jit(fn, static_argnums=static_argnums).lower(*args)
+def compile_fn(fn, *args, static_argnums=(), options=None):
+    """(compiled, compile seconds, XLA FLOPs, XLA temporary bytes) of `jit(fn)` for these arguments.
+
+    `options`: XLA compiler options; None = jaxcrystal's (`jaxcrystal.compiler_options()`, as the optimizer and
+    the Crystalformer predictor compile), {} = XLA's defaults.
+    """
+    options = compiler_options() if options is None else options
+    lowered = jax.jit(fn, static_argnums=static_argnums, compiler_options=options).lower(*args)
     start = time.perf_counter()
     compiled = lowered.compile()
     seconds = time.perf_counter() - start
@@ -166,6 +174,25 @@ def xla_flops(compiled) -> float:
 def xla_temp_bytes(compiled) -> float:
     memory = compiled.memory_analysis()
     return float(getattr(memory, "temp_size_in_bytes", float("nan"))) if memory is not None else float("nan")
+
+
+@contextlib.contextmanager
+def window_branch_only():
+    """While active, programs compiled with a Crystalformer basis window leave out the whole-box fallback.
+
+    `periodic_attention` evaluates the windowed basis under `lax.cond`, with the whole box as the fallback for
+    cells too small for the window, and XLA's cost analysis counts the larger branch. To count the FLOPs of the
+    work that runs on cells the window covers (the benchmarks size the window for their cells), the coverage
+    test is replaced by True and XLA drops the other branch. Use it for FLOP counting only.
+    """
+    from jaxcrystal.models import periodic_attention
+
+    original = periodic_attention.window_covers
+    periodic_attention.window_covers = lambda lattice, window, cutoff: jnp.ones(lattice.shape[:-2], bool)
+    try:
+        yield
+    finally:
+        periodic_attention.window_covers = original
 
 
 def matmul_rate(size: int = 1024, repeats: int = 10) -> float:

@@ -1,5 +1,6 @@
 """jaxcrystal: a JAX-native differentiable crystal optimizer (SMOACS) with Flax property predictors."""
 
+from jaxcrystal.compile_options import compiler_options
 from jaxcrystal.crystal import CrystalBatch, lattice_from_parameters, lattice_to_parameters
 from jaxcrystal.errors import (
     CheckpointError,
@@ -18,6 +19,7 @@ __all__ = [
     "JaxCrystalError",
     "Predictor",
     "StructureError",
+    "compiler_options",
     "lattice_from_parameters",
     "lattice_to_parameters",
     "load_predictor",

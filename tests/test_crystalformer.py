@@ -17,7 +17,13 @@ from conftest import shared_path
 import jaxcrystal
 from converters.crystalformer import convert_checkpoint, main
 from jaxcrystal.errors import CheckpointError, ConfigError
-from jaxcrystal.models.crystalformer import Crystalformer, CrystalformerConfig, range_overflow, required_range
+from jaxcrystal.models.crystalformer import (
+    Crystalformer,
+    CrystalformerConfig,
+    range_overflow,
+    required_range,
+    required_window,
+)
 from jaxcrystal.predictors.crystalformer import make_apply
 
 CKPTS = {"bandgap": "default.json", "eform": "default.json", "layers7": "layers7.json"}
@@ -397,3 +403,27 @@ def test_adaptive_range_bound_and_overflow_flag():
     apply = toy_apply("adaptive")
     with pytest.raises(ConfigError, match="static max_range"):
         jax.jit(apply)(*toy_crystal())
+
+
+def test_basis_window_gives_the_whole_box_result(x64):
+    """The basis window (auto, and static under jit with a cell too small for it) vs the whole box: equal values and
+    input gradients; TOY's basis reaches 14 + 0.875·√80 = 21.8 Å, a 12 Å cell needs 4 of the 5 translations."""
+    big, small = toy_crystal(seed=1, n=5, a=12.0), toy_crystal(seed=2, n=5, a=9.0)
+    assert required_window(big[0], TOY) == (4, 4, 4) and required_window(small[0], TOY) == (5, 5, 5)
+    lattice, frac, species, mask = (np.concatenate(p) for p in zip(big, small, strict=True))
+    whole = functools.partial(make_apply(TOY, "fixed", basis_window=None), toy_params())
+    auto = functools.partial(make_apply(TOY, "fixed"), toy_params())
+    static = jax.jit(functools.partial(make_apply(TOY, "fixed", basis_window=4), toy_params()))
+
+    def grads(apply, *crystal):
+        return jax.grad(lambda la, fr, sp: apply(la, fr, sp, crystal[3]).sum(), argnums=(0, 1, 2))(*crystal[:3])
+
+    np.testing.assert_allclose(auto(*big), whole(*big), rtol=1e-12)
+    np.testing.assert_allclose(static(lattice, frac, species, mask), whole(lattice, frac, species, mask), rtol=1e-12)
+    for got, want in zip(grads(auto, *big), grads(whole, *big), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
+    batch = (lattice, frac, species, mask)
+    for got, want in zip(grads(static, *batch), grads(whole, *batch), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
+    with pytest.raises(ConfigError, match="basis_window"):
+        make_apply(TOY, "fixed", basis_window=(4, 4))(toy_params(), *big)

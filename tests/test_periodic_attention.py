@@ -11,14 +11,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcrystal.models.periodic_attention import block_plan, periodic_attention, translation_grid
+from jaxcrystal.models.periodic_attention import (
+    _make_block,
+    basis_cutoff,
+    block_plan,
+    periodic_attention,
+    translation_grid,
+    window_covers,
+    window_size,
+)
 
 RANGES = (2, 1, 2)
 CENTERS = np.arange(1, 9) * 0.8
 WIDTH = 0.8
 
 
-def reference(q, k, v, gamma, lattice, frac, mask, box, exact):
+def reference(q, k, v, gamma, lattice, frac, mask, box, exact, centers=CENTERS, width=WIDTH):
     shifts = jnp.asarray(translation_grid(RANGES), q.dtype)
     image = frac[:, None, :, None, :] - frac[:, :, None, None, :] + shifts  # [B, Nq, Nk, M, 3]
     r = jnp.einsum("bqnmc,bcd->bqnmd", image, lattice)
@@ -26,7 +34,7 @@ def reference(q, k, v, gamma, lattice, frac, mask, box, exact):
     dist = jnp.where(d2 > 0, jnp.sqrt(jnp.where(d2 > 0, d2, 1.0)), 0.0)
     if not exact:
         dist = jax.lax.stop_gradient(dist)
-    basis = jnp.exp(-0.5 * ((dist[..., None] - CENTERS) / WIDTH) ** 2)
+    basis = jnp.exp(-0.5 * ((dist[..., None] - centers) / width) ** 2)
     logits = jnp.einsum("bqhc,bnhc->bqhn", q, k)[..., None] / np.sqrt(q.shape[-1])
     logits = logits + gamma[..., None, None] * d2[:, :, None]
     inside = jnp.all(jnp.abs(shifts)[None, None, None] <= box[:, :, :, None, :], -1)  # [B, Nq, H, M]
@@ -38,9 +46,9 @@ def reference(q, k, v, gamma, lattice, frac, mask, box, exact):
     return agg_v, agg_basis
 
 
-def inputs(seed=0, b=3, n=5, h=2, d=4):
+def inputs(seed=0, b=3, n=5, h=2, d=4, scales=(3.0, 3.0, 3.0), rattle=0.3):
     rng = np.random.default_rng(seed)
-    lattice = 3.0 * np.eye(3) + rng.normal(scale=0.3, size=(b, 3, 3))
+    lattice = np.asarray(scales)[:, None, None] * np.eye(3) + rng.normal(scale=rattle, size=(b, 3, 3))
     frac = rng.uniform(size=(b, n, 3))
     mask = np.ones((b, n), bool)
     mask[1, 3:] = False  # a padded crystal
@@ -51,16 +59,34 @@ def inputs(seed=0, b=3, n=5, h=2, d=4):
     return floats, jnp.asarray(mask), jnp.asarray(box, jnp.int32)
 
 
-@pytest.mark.parametrize("exact", [True, False])
-@pytest.mark.parametrize("chunk_size", [None, 2, 7])
-def test_custom_backward_equals_autodiff(exact, chunk_size, x64):
-    floats, mask, box = inputs()
-    probe_v, probe_b = (jnp.asarray(np.random.default_rng(1).normal(size=s)) for s in ((3, 5, 2, 4), (3, 5, 2, 8)))
+def probe_loss(mask, num_basis):
+    """A random linear functional of (agg_v, agg_basis) over the real query rows."""
+    b, n = mask.shape
+    rng = np.random.default_rng(1)
+    probe_v, probe_b = (jnp.asarray(rng.normal(size=s)) for s in ((b, n, 2, 4), (b, n, 2, num_basis)))
 
     def loss(fn, *xs):
         agg_v, agg_basis = fn(*xs)
         real = mask[..., None, None]  # padding query rows are meaningless by contract
         return jnp.sum(jnp.where(real, agg_v * probe_v, 0)) + jnp.sum(jnp.where(real, agg_basis * probe_b, 0))
+
+    return loss
+
+
+def assert_same_value_and_gradients(loss, ours, theirs, floats):
+    np.testing.assert_allclose(loss(ours, *floats), loss(theirs, *floats), rtol=1e-13)
+    got = jax.jit(jax.grad(lambda *xs: loss(ours, *xs), argnums=tuple(range(6))))(*floats)
+    want = jax.grad(lambda *xs: loss(theirs, *xs), argnums=tuple(range(6)))(*floats)
+    for name, g, w in zip(("q", "k", "v", "gamma", "lattice", "frac"), got, want, strict=True):
+        scale = float(jnp.max(jnp.abs(w)))
+        assert float(jnp.max(jnp.abs(g - w))) <= 1e-12 * scale, name
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("chunk_size", [None, 2, 7])
+def test_custom_backward_equals_autodiff(exact, chunk_size, x64):
+    floats, mask, box = inputs()
+    loss = probe_loss(mask, len(CENTERS))
 
     def ours(q, k, v, gamma, lattice, frac):
         return periodic_attention(
@@ -71,12 +97,74 @@ def test_custom_backward_equals_autodiff(exact, chunk_size, x64):
     def theirs(q, k, v, gamma, lattice, frac):
         return reference(q, k, v, gamma, lattice, frac, mask, box, exact)
 
-    np.testing.assert_allclose(loss(ours, *floats), loss(theirs, *floats), rtol=1e-13)
+    assert_same_value_and_gradients(loss, ours, theirs, floats)
     got = jax.jit(jax.grad(lambda *xs: loss(ours, *xs), argnums=tuple(range(6))))(*floats)
     want = jax.grad(lambda *xs: loss(theirs, *xs), argnums=tuple(range(6)))(*floats)
     for name, g, w in zip(("q", "k", "v", "gamma", "lattice", "frac"), got, want, strict=True):
         scale = float(jnp.max(jnp.abs(w)))
         assert float(jnp.max(jnp.abs(g - w))) <= 1e-12 * scale, name
+
+
+# A short basis (cutoff 2 + 0.25·√80 = 4.24 Å) on 4 Å cells: a window of 3 translations per axis holds every image
+# closer than the cutoff, where the grid has 5 x 3 x 5; the third, 2.6 Å crystal needs 4 and falls back.
+WINDOW_CENTERS = np.arange(1, 5) * 0.5
+WINDOW_WIDTH = 0.25
+WINDOW = (3, 3, 3)
+WINDOW_SCALES = (4.0, 4.2, 2.6)
+
+
+def test_window_size_and_cover(x64):
+    floats, _, _ = inputs(scales=WINDOW_SCALES, rattle=0.1)
+    lattice = floats[4]
+    cutoff = basis_cutoff(WINDOW_CENTERS, WINDOW_WIDTH)
+    assert cutoff == pytest.approx(2 + 0.25 * np.sqrt(80))
+    assert window_covers(lattice, WINDOW, cutoff).tolist() == [True, True, False]
+    assert tuple(window_size(lattice[:2], cutoff)) == WINDOW
+    assert tuple(window_size(lattice, cutoff)) == (4, 4, 4)
+    # The bound itself: no image closer than the cutoff lies outside the window of the covered cells.
+    shifts = translation_grid((4, 4, 4))
+    for lat, frac in zip(np.asarray(lattice[:2]), np.asarray(floats[5][:2]), strict=True):
+        diff = frac[None, :, None, :] - frac[:, None, None, :] + shifts  # [Q, N, M, 3]
+        close = np.linalg.norm(diff @ lat, axis=-1) < cutoff
+        first = np.ceil(-(frac[None, :] - frac[:, None]) - cutoff * np.linalg.norm(np.linalg.inv(lat), axis=0))
+        offset = shifts[None, None] - first[:, :, None]
+        assert np.all(~close | np.all((offset >= 0) & (offset < 3), axis=-1))
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_basis_window_equals_the_whole_box(exact, chunk_size, x64):
+    """With the window: equal to the reference over the whole box, for covered cells and for the fallback."""
+    floats, mask, box = inputs(scales=WINDOW_SCALES, rattle=0.1)
+    loss = probe_loss(mask, len(WINDOW_CENTERS))
+
+    def ours(q, k, v, gamma, lattice, frac):
+        return periodic_attention(
+            q, k, v, gamma, lattice, frac, mask, ranges=RANGES, box=box, centers=WINDOW_CENTERS,
+            width=WINDOW_WIDTH, exact_basis_gradient=exact, chunk_size=chunk_size, window=WINDOW,
+        )  # fmt: skip
+
+    def theirs(q, k, v, gamma, lattice, frac):
+        return reference(q, k, v, gamma, lattice, frac, mask, box, exact, WINDOW_CENTERS, WINDOW_WIDTH)
+
+    assert_same_value_and_gradients(loss, ours, theirs, floats)
+
+
+def test_windowed_block_alone(x64):
+    """The windowed block itself (no fallback): exact where the window covers the cutoff, wrong where it does not."""
+    floats, mask, box = inputs(scales=WINDOW_SCALES, rattle=0.1)
+    q, k, v, gamma, lattice, frac = floats
+    shifts = translation_grid(RANGES)
+    args = (lattice, frac, mask, k, v, frac, q, gamma, box)
+    windowed = jax.vmap(_make_block(shifts, WINDOW_CENTERS, WINDOW_WIDTH, True, True, WINDOW))
+    whole = jax.vmap(_make_block(shifts, WINDOW_CENTERS, WINDOW_WIDTH, True, True))
+    too_small = jax.vmap(_make_block(shifts, WINDOW_CENTERS, WINDOW_WIDTH, True, True, (1, 1, 1)))
+    (v_win, b_win), (_, b_all), (_, b_small) = windowed(*args), whole(*args), too_small(*args)
+    want_v, want_b = reference(q, k, v, gamma, lattice, frac, mask, box, True, WINDOW_CENTERS, WINDOW_WIDTH)
+    np.testing.assert_allclose(v_win, want_v, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(b_all, want_b, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(b_win[:2], want_b[:2], rtol=1e-12, atol=1e-14)
+    assert float(jnp.max(jnp.abs(b_small[:2] - want_b[:2]))) > 1e-2  # one translation per axis misses close images
 
 
 def test_block_plan_balances_blocks():

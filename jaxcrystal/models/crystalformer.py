@@ -20,6 +20,11 @@ Truncation of the lattice sum (`truncation`):
   * "fixed": upstream's pure-PyTorch path (what SMOACS runs): n ∈ {-R..R}³ with R = lattice_range = 2.
 Gradient (`gradient`): "exact", or "smoacs" (upstream's autograd, which omits the derivative of the RBF distance
 basis with respect to the distance; only coordinate and lattice gradients differ).
+Basis window (`basis_window`): the RBF basis is < e⁻⁴⁰ beyond μ_K + √80·s (16 Å by default), while the box can
+reach much further (±2 cells of a 12 Å supercell: 90 % of its triples lie beyond 16 Å). With a static window
+(W_1, W_2, W_3) the basis is evaluated only on W_d translations per axis around each (query, key) pair, enough
+for cells of `required_window`; the softmax still runs over the whole box, and smaller cells fall back to it
+(see `periodic_attention`). None evaluates the basis over the whole box.
 
 Fractional coordinates are wrapped to [0, 1) first (gradient unchanged); pairs use the unwrapped difference
 f_j - f_i of the wrapped coordinates, as upstream does with its (wrapped) Cartesian positions.
@@ -36,7 +41,13 @@ import numpy as np
 
 from jaxcrystal.elements import NUM_ELEMENTS
 from jaxcrystal.errors import ConfigError
-from jaxcrystal.models.periodic_attention import HIGHEST, inverse_plane_spacings, periodic_attention
+from jaxcrystal.models.periodic_attention import (
+    HIGHEST,
+    basis_cutoff,
+    inverse_plane_spacings,
+    periodic_attention,
+    window_size,
+)
 
 TRUNCATIONS = ("adaptive", "fixed")
 GRADIENTS = ("exact", "smoacs")
@@ -205,6 +216,25 @@ def range_overflow(lattice, max_range, config: CrystalformerConfig):
     return jnp.any(needed > jnp.asarray(max_range), axis=-1)
 
 
+def required_window(lattice, config: CrystalformerConfig) -> tuple:
+    """Host-side basis window (W_1, W_2, W_3) that holds every basis-relevant image for these cells (any layer).
+
+    Args:
+      lattice: [B, 3, 3] or [3, 3] rows, Å (numpy or concrete JAX array).
+    """
+    cutoff = max(basis_cutoff(*config.basis(layer)) for layer in range(config.num_layers))
+    return tuple(int(w) for w in window_size(lattice, cutoff))
+
+
+def _normalize_window(window) -> tuple | None:
+    if window is None:
+        return None
+    window = (int(window),) * 3 if isinstance(window, int | np.integer) else tuple(int(w) for w in window)
+    if len(window) != 3 or min(window) < 1:
+        raise ConfigError(f"basis_window must be None, a positive int or 3 positive ints, got {window}")
+    return window
+
+
 def _normalize_range(max_range) -> tuple:
     if isinstance(max_range, int | np.integer):
         return (int(max_range),) * 3
@@ -223,6 +253,7 @@ class PeriodicAttention(nn.Module):
     gradient: str
     max_range: tuple | None
     chunk_size: int | None
+    basis_window: tuple | None = None
 
     @nn.compact
     def __call__(self, h, lattice, frac, mask):
@@ -272,6 +303,7 @@ class PeriodicAttention(nn.Module):
             width=width,
             exact_basis_gradient=self.gradient == "exact",
             chunk_size=self.chunk_size,
+            window=self.basis_window,
         )
         out = agg_v + jnp.einsum("bnhk,hck->bnhc", agg_basis, pe_proj, precision=HIGHEST)
         out = nn.DenseGeneral(cfg.model_dim, axis=(-2, -1), name="out", precision=HIGHEST, param_dtype=h.dtype)(out)
@@ -285,6 +317,8 @@ class Crystalformer(nn.Module):
       config: architecture. truncation: "adaptive" | "fixed". gradient: "exact" | "smoacs".
       max_range: static (R_1, R_2, R_3) (or int) bound of the adaptive box; required for "adaptive".
       chunk_size: query rows per attention block (None = automatic), see `periodic_attention`.
+      basis_window: static (W_1, W_2, W_3) translations per axis for the RBF basis, or None (the whole box); see
+        the module docstring and `required_window`.
 
     Intermediates (`mutable=["intermediates"]`): embed, layer{l}, gamma_layer{l}, box_layer{l} (adaptive), pooled.
     """
@@ -294,6 +328,7 @@ class Crystalformer(nn.Module):
     gradient: str = "exact"
     max_range: tuple | int | None = None
     chunk_size: int | None = None
+    basis_window: tuple | None = None
 
     @nn.compact
     def __call__(self, lattice, frac, species, mask):
@@ -317,7 +352,14 @@ class Crystalformer(nn.Module):
         self.sow("intermediates", "embed", h)
         for layer in range(cfg.num_layers):
             attn = PeriodicAttention(
-                cfg, layer, self.truncation, self.gradient, max_range, self.chunk_size, name=f"layer_{layer}_attn"
+                cfg,
+                layer,
+                self.truncation,
+                self.gradient,
+                max_range,
+                self.chunk_size,
+                _normalize_window(self.basis_window),
+                name=f"layer_{layer}_attn",
             )
             update, gamma, box = attn(h, lattice, frac, mask)
             h = h + update

@@ -13,10 +13,15 @@ value v_jh + P_h Σ_n softmax_n(γ_ih d²_ijn) φ(d_ijn); the joint softmax over
 (exp(α) is the sum over n of the Gaussians), and the per-head projection P_h is applied by the caller after the
 aggregation (exact, and K/D times cheaper than projecting every pair).
 
-The dominant tensors are per (query, key, translation): the basis φ [Q, N, M, K] and the weights [Q, H, N, M].
-They are never built for the whole batch: queries are processed in blocks of `chunk_size` (crystal, atom) rows
-with `lax.map`, and the backward pass of a block (`_make_block`, a hand-written VJP) rebuilds them from the block's
-inputs, so the peak memory is that of one block whatever the batch size.
+This module computes it in that two-stage form (`_make_block`): the per-pair sums over translations are
+reductions of an expression of d², and only the keys' softmax is over [Q, H, N].
+
+The dominant tensors are per (query, key, translation): the basis φ [Q, N, M, K] and the translation weights
+[Q, H, N, M]. They are never built for the whole batch: queries are processed in blocks of `chunk_size`
+(crystal, atom) rows with `lax.map`, and the backward pass of a block (a hand-written VJP) rebuilds them from the
+block's inputs, so the peak memory is that of one block whatever the batch size. The basis, which is below e⁻⁴⁰
+beyond `basis_cutoff` (16 Å for Crystalformer's default), can be restricted to a window of translations around
+each pair (`window`): for a 12 Å cell with the ±2 box, 27 of the 125 translations.
 """
 
 import math
@@ -33,6 +38,9 @@ HIGHEST = jax.lax.Precision.HIGHEST
 AUTO_BLOCK_BYTES = 32 * 2**20
 
 _MASKED_LOGIT = -1e30  # finite, so that fully masked (padding) rows stay NaN-free
+
+# Beyond `basis_cutoff` every basis function is below exp(-BASIS_NEGLIGIBLE) (4e-18): the basis window's bound.
+BASIS_NEGLIGIBLE = 40.0
 
 
 def translation_grid(ranges) -> np.ndarray:
@@ -63,6 +71,31 @@ def gaussian_basis(dist, centers, width: float):
     return jnp.exp(-0.5 * jnp.square((dist[..., None] - jnp.asarray(centers, dist.dtype)) / width))
 
 
+def basis_cutoff(centers, width: float) -> float:
+    """The distance (Å) beyond which every basis function is below e^-`BASIS_NEGLIGIBLE`: max μ + s √(2·40)."""
+    return float(np.max(centers)) + width * math.sqrt(2 * BASIS_NEGLIGIBLE)
+
+
+def window_size(lattice, cutoff: float) -> np.ndarray:
+    """Translations per axis a basis window needs for these cells: [3] int (host; max over the batch).
+
+    Seen from any query atom, the images of a key atom closer than `cutoff` have |(f_n - f_q + t)_d| <= cutoff·ρ_d
+    (ρ_d: inverse spacing of the lattice planes d), so at most floor(2·cutoff·ρ_d) + 1 consecutive integers t_d.
+
+    Args:
+      lattice: [..., 3, 3] rows, Å (concrete). cutoff: Å, see `basis_cutoff`.
+    """
+    spacings_inv = np.asarray(inverse_plane_spacings(jnp.asarray(lattice, jnp.float32)), np.float64).reshape(-1, 3)
+    return np.floor(2 * cutoff * spacings_inv.max(axis=0) * (1 + 1e-4)).astype(int) + 1
+
+
+def window_covers(lattice, window, cutoff: float):
+    """[...] bool, jittable: True where `window` (W_1, W_2, W_3) translations per axis hold every image closer than
+    `cutoff` (see `window_size`; 1e-4 relative slack against rounding)."""
+    needed = jnp.floor(2 * cutoff * inverse_plane_spacings(lattice) * (1 + 1e-4)) + 1
+    return jnp.all(needed <= jnp.asarray(window, needed.dtype), axis=-1)
+
+
 def _geometry(lattice, frac_k, frac_q, shifts):
     """Bond vectors from every query to every image of every key.
 
@@ -76,18 +109,47 @@ def _geometry(lattice, frac_k, frac_q, shifts):
     return frac_diff, r, jnp.sum(r * r, axis=-1)
 
 
-def _logits(k, mask_k, q, gamma, box, d2, shifts):
-    """Attention logits [Q, H, N, M]: q·k/√D + γ d², `_MASKED_LOGIT` outside the key mask and the box."""
-    scores = jnp.einsum("qhc,nhc->qhn", q, k, precision=HIGHEST) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
-    logits = scores[..., None] + gamma[:, :, None, None] * d2[:, None, :, :]
-    valid = mask_k[None, None, :, None]
-    if box is not None:
-        inside = jnp.all(jnp.abs(shifts)[None, None, :, :] <= box[:, :, None, :], axis=-1)  # [Q, H, M]
-        valid = valid & inside[:, :, None, :]
-    return jnp.where(valid, logits, _MASKED_LOGIT)
+def _window_geometry(lattice, frac_diff, offsets, full_axes, ranges, cutoff: float):
+    """Bond vectors to the images of a per-pair window of translations, the only ones the basis needs.
+
+    The window of pair (q, n) starts at the first translation that can be within `cutoff`,
+    first_d = ceil(-(f_n - f_q)_d - cutoff·ρ_d) (or -R_d on `full_axes`), and holds first + offsets.
+    Returns (first [Q, N, 3], translations t [Q, N, W, 3], r [Q, N, W, 3] Å, d² [Q, N, W] Å²), t as floats.
+    """
+    dtype = frac_diff.dtype
+    reach = cutoff * jax.lax.stop_gradient(inverse_plane_spacings(lattice))  # [3]
+    first = jnp.ceil(-jax.lax.stop_gradient(frac_diff) - reach)
+    first = jnp.where(full_axes, -jnp.asarray(ranges, dtype), first)
+    base = jnp.einsum("qnc,cd->qnd", frac_diff + first, lattice, precision=HIGHEST)
+    offset_part = jnp.einsum("wc,cd->wd", offsets.astype(dtype), lattice, precision=HIGHEST)
+    r = base[:, :, None, :] + offset_part
+    translations = first[:, :, None, :] + offsets.astype(dtype)
+    return first, translations, r, jnp.sum(r * r, axis=-1)
 
 
-def _make_block(shifts, centers, width: float, exact_basis_gradient: bool, with_box: bool):
+def _inside_box(box, translations):
+    """Translations inside each (query, head) box: [Q, H, 1, M] for shared translations [M, 3], [Q, H, N, M] for
+    per-pair translations [Q, N, M, 3] (floats); box [Q, H, 3] int half-widths."""
+    box = box.astype(translations.dtype)
+    if translations.ndim == 2:
+        return jnp.all(jnp.abs(translations)[None, None] <= box[:, :, None, :], axis=-1)[:, :, None, :]
+    return jnp.all(jnp.abs(translations)[:, None] <= box[:, :, None, None, :], axis=-1)
+
+
+def _geometry_vjp(lattice, frac_diff, shared_shifts, g_r):
+    """Cotangents (lattice [3, 3], frac_diff [Q, N, 3]) of r = frac_diff A + shared_shifts A from g_r [Q, N, M, 3].
+
+    `frac_diff` here is the per-pair fractional part of r (f_n - f_q, plus the window start for a window) and
+    `shared_shifts` [M, 3] the part shared by all pairs.
+    """
+    g_pair, g_shared = jnp.sum(g_r, axis=2), jnp.sum(g_r, axis=(0, 1))  # [Q, N, 3], [M, 3]
+    g_lattice = jnp.einsum("qnc,qnd->cd", frac_diff, g_pair, precision=HIGHEST) + jnp.einsum(
+        "mc,md->cd", shared_shifts.astype(g_r.dtype), g_shared, precision=HIGHEST
+    )
+    return g_lattice, jnp.einsum("qnd,cd->qnc", g_pair, lattice, precision=HIGHEST)
+
+
+def _make_block(shifts, centers, width: float, exact_basis_gradient: bool, with_box: bool, window=None):
     """The attention of Q query atoms of one crystal, with a hand-written backward pass (`jax.custom_vjp`).
 
     The returned function maps
@@ -96,32 +158,69 @@ def _make_block(shifts, centers, width: float, exact_basis_gradient: bool, with_
       `with_box`: per-query, per-head translation half-widths)
     to (agg_v [Q, H, D], agg_basis [Q, H, K]).
 
-    The forward pass keeps only the inputs and the softmax statistics [Q, H] for the backward pass, which
-    rebuilds distances, weights w and basis φ (p = key atom n and translation m) and needs a single contraction
-    with φ, for the cotangents ḡ [Q, H, K] of agg_basis and ḡv [Q, H, D] of agg_v:
+    The softmax over (key n, translation m) is taken in two stages, as upstream writes it: per pair
+      P_nm = exp(γ (d²_nm - d²_n,min)) / S_n,   S_n = Σ_m exp(γ (d²_nm - d²_n,min))   (m in the box)
+      α_n  = γ d²_n,min + log S_n,   w_n = softmax_n(q·k_n / √D + α_n),   weight of a triple = w_n P_nm
+    so that every [Q, H, N, M] quantity is a reduction over m of an expression of d² [Q, N, M] (XLA fuses them),
+    and the backward pass needs two such reductions:
+      ∂L/∂(γ d²)_nm = c_n P_nm  +  w_n P_nm Gb_nm,   c_n = ∂L/∂logit_n - w_n Σ_m P_nm Gb_nm
+    with, for the cotangents ḡ [Q, H, K] of agg_basis and ḡv [Q, H, D] of agg_v,
       Gb_hp = Σ_k ḡ_hk φ_pk,   Gμ_hp = Σ_k ḡ_hk μ_k φ_pk          (one [2H, K] x [K, P] product)
-      G_hp  = Gb_hp + Σ_c ḡv_hc v_nhc
-      ∂L/∂logit_hp = w_hp (G_hp - Σ_p' w_hp' G_hp')     (the inner sum is ḡ·agg_basis + ḡv·agg_v)
-      ∂L/∂d_p      = Σ_h w_hp (Gμ_hp - d_p Gb_hp) / s²  (dφ_k/dd = (μ_k - d) φ_k / s²; absent for "smoacs")
-    so the [Q, N, M, K] tensor ∂L/∂φ is never formed. Autodiff of the same forward pass materializes it and
-    re-evaluates φ's exponentials; this backward pass is exact and made forward+gradient 1.5x faster (8 x 135
-    atoms, same blocks). Being a `custom_vjp`, it supports reverse mode only (`jax.grad`, not `jax.jvp`).
+      ∂L/∂logit_n = w_n (G_n - Σ_n' w_n' G_n'),   G_n = ḡv·v_n + Σ_m P_nm Gb_nm
+      ∂L/∂d_p      = Σ_h w P (Gμ - d Gb) / s²  (dφ_k/dd = (μ_k - d) φ_k / s²; absent for "smoacs").
+    The [Q, N, M, K] tensor ∂L/∂φ is never formed, and the forward pass keeps only its inputs, S and w.
+
+    `window`: None, or (W_1, W_2, W_3) translations per axis: the basis terms (φ, Gb, Gμ) then run only over each
+    pair's window of translations (`_window_geometry`), which holds every image closer than `basis_cutoff` if
+    the cell is large enough (`window_covers`; the caller checks). The terms left out have φ < e⁻⁴⁰, so
+    agg_basis changes by less than e⁻⁴⁰ (the weights sum to 1) and its derivatives by as little. The softmax
+    (S, α, w, agg_v) always runs over the whole box.
+    Being a `custom_vjp`, it supports reverse mode only (`jax.grad`, not `jax.jvp`).
     """
     shifts = np.asarray(shifts)
     centers_np = np.asarray(centers)
+    ranges = shifts.max(axis=0)
+    windowed = window is not None and any(w < 2 * r + 1 for w, r in zip(window, ranges, strict=True))
+    if windowed:
+        full_axes = np.asarray(window) >= 2 * ranges + 1
+        window = np.where(full_axes, 2 * ranges + 1, window)
+        offsets = np.stack(np.meshgrid(*[np.arange(w) for w in window], indexing="ij"), axis=-1).reshape(-1, 3)
+        cutoff = basis_cutoff(centers_np, width)
+
+    def pair_factors(gamma, d2, d2_min, inside):
+        """exp(γ (d² - d²_min)) inside the box, [Q, H, N, M] (≤ 1 on the grid)."""
+        factors = jnp.exp(gamma[:, :, None, None] * (d2 - d2_min[..., None])[:, None])
+        return factors if inside is None else jnp.where(inside, factors, 0.0)
+
+    def box_geometry(lattice, frac_k, frac_q, box):
+        frac_diff, r, d2 = _geometry(lattice, frac_k, frac_q, shifts)
+        inside = _inside_box(box, shifts.astype(d2.dtype)) if with_box else None
+        return frac_diff, r, d2, jnp.min(d2, axis=-1), inside
+
+    def basis_triples(lattice, gamma, box, frac_diff, r, d2, d2_min, inside, pair_total):
+        """The triples the basis runs over: (per-pair fractional part [Q, N, 3], shared translations [M', 3],
+        r [Q, N, M', 3], d² [Q, N, M'], P [Q, H, N, M']): the box's, or the window's."""
+        if not windowed:
+            return frac_diff, shifts, r, d2, pair_factors(gamma, d2, d2_min, inside) / pair_total[..., None]
+        first, translations, r, d2 = _window_geometry(lattice, frac_diff, offsets, full_axes, ranges, cutoff)
+        valid = jnp.all(jnp.abs(translations) <= ranges, axis=-1)[:, None]  # in the grid, [Q, 1, N, W]
+        if with_box:
+            valid = valid & _inside_box(box, translations)
+        factors = jnp.exp(gamma[:, :, None, None] * (d2 - d2_min[..., None])[:, None])
+        return frac_diff + first, offsets, r, d2, jnp.where(valid, factors, 0.0) / pair_total[..., None]
 
     def forward(lattice, frac_k, mask_k, k, v, frac_q, q, gamma, box):
-        _, _, d2 = _geometry(lattice, frac_k, frac_q, shifts)
-        dist = safe_sqrt(d2)
-        logits = _logits(k, mask_k, q, gamma, box if with_box else None, d2, shifts)
-        peak = jnp.max(logits, axis=(2, 3))  # [Q, H]
-        unnormalized = jnp.exp(logits - peak[:, :, None, None])
-        total = jnp.sum(unnormalized, axis=(2, 3))
-        weights = unnormalized / total[:, :, None, None]
-        basis = gaussian_basis(dist, centers_np, width)  # [Q, N, M, K]
-        agg_v = jnp.einsum("qhn,nhc->qhc", jnp.sum(weights, axis=-1), v, precision=HIGHEST)
-        agg_basis = jnp.einsum("qhnm,qnmk->qhk", weights, basis, precision=HIGHEST)
-        return (agg_v, agg_basis), (peak, total)
+        frac_diff, r, d2, d2_min, inside = box_geometry(lattice, frac_k, frac_q, box)
+        tiny = jnp.finfo(d2.dtype).tiny  # S ≥ 1 unless the box excludes the nearest image
+        pair_total = jnp.maximum(jnp.sum(pair_factors(gamma, d2, d2_min, inside), axis=-1), tiny)  # S [Q, H, N]
+        alpha = gamma[:, :, None] * d2_min[:, None] + jnp.log(pair_total)
+        scores = jnp.einsum("qhc,nhc->qhn", q, k, precision=HIGHEST) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
+        weights = jax.nn.softmax(jnp.where(mask_k, scores + alpha, _MASKED_LOGIT), axis=-1)  # w [Q, H, N]
+        _, _, _, d2_b, p_b = basis_triples(lattice, gamma, box, frac_diff, r, d2, d2_min, inside, pair_total)
+        basis = gaussian_basis(safe_sqrt(d2_b), centers_np, width)  # [Q, N, M', K]
+        agg_v = jnp.einsum("qhn,nhc->qhc", weights, v, precision=HIGHEST)
+        agg_basis = jnp.einsum("qhnm,qnmk->qhk", weights[..., None] * p_b, basis, precision=HIGHEST)
+        return (agg_v, agg_basis), (pair_total, weights)
 
     @jax.custom_vjp
     def block(lattice, frac_k, mask_k, k, v, frac_q, q, gamma, box):
@@ -132,45 +231,53 @@ def _make_block(shifts, centers, width: float, exact_basis_gradient: bool, with_
         return outputs, (lattice, frac_k, mask_k, k, v, frac_q, q, gamma, box, stats, outputs)
 
     def block_bwd(residuals, cotangents):
-        lattice, frac_k, mask_k, k, v, frac_q, q, gamma, box, (peak, total), (agg_v, agg_basis) = residuals
+        lattice, frac_k, mask_k, k, v, frac_q, q, gamma, box, (pair_total, weights), (agg_v, agg_basis) = residuals
         g_v, g_basis = cotangents  # [Q, H, D], [Q, H, K]
-        dtype = q.dtype
-        centers = jnp.asarray(centers_np, dtype)
         heads = q.shape[1]
+        frac_diff, r, d2, d2_min, inside = box_geometry(lattice, frac_k, frac_q, box)
+        pair_part, shared, r_b, d2_b, p_b = basis_triples(
+            lattice, gamma, box, frac_diff, r, d2, d2_min, inside, pair_total
+        )
 
-        frac_diff, r, d2 = _geometry(lattice, frac_k, frac_q, shifts)
-        dist = safe_sqrt(d2)
-        logits = _logits(k, mask_k, q, gamma, box if with_box else None, d2, shifts)
-        weights = jnp.exp(logits - peak[:, :, None, None]) / total[:, :, None, None]  # [Q, H, N, M]
-        basis = gaussian_basis(dist, centers_np, width)
-
-        rows = jnp.concatenate([g_basis, g_basis * centers], axis=1)  # [Q, 2H, K]
+        dist_b = safe_sqrt(d2_b)
+        basis = gaussian_basis(dist_b, centers_np, width)
+        rows = jnp.concatenate([g_basis, g_basis * jnp.asarray(centers_np, d2.dtype)], axis=1)  # [Q, 2H, K]
         projected = jnp.einsum("qjk,qnmk->qjnm", rows, basis, precision=HIGHEST)
-        g_b, g_mu = projected[:, :heads], projected[:, heads:]  # [Q, H, N, M]
-        g_vn = jnp.einsum("qhc,nhc->qhn", g_v, v, precision=HIGHEST)
-        expected = jnp.sum(g_basis * agg_basis, axis=-1) + jnp.sum(g_v * agg_v, axis=-1)  # Σ_p w G, [Q, H]
-        g_logits = weights * (g_b + g_vn[..., None] - expected[:, :, None, None])
+        g_b, g_mu = projected[:, :heads], projected[:, heads:]  # Gb, Gμ [Q, H, N, M']
+        basis_term = jnp.sum(p_b * g_b, axis=-1)  # Σ_m P Gb = ḡ·(Σ_m P φ), [Q, H, N]
+        pair_g = jnp.einsum("qhc,nhc->qhn", g_v, v, precision=HIGHEST) + basis_term  # G_n
+        expected = jnp.sum(g_basis * agg_basis, axis=-1) + jnp.sum(g_v * agg_v, axis=-1)  # Σ_n w G, [Q, H]
+        g_logits = weights * (pair_g - expected[..., None])  # [Q, H, N]
+        coefficient = g_logits - weights * basis_term
 
-        g_scores = jnp.sum(g_logits, axis=-1) / jnp.sqrt(jnp.asarray(q.shape[-1], dtype))  # [Q, H, N]
+        # The box part: ∂L/∂(γ d²) = c P on every triple of the box.
+        p_box = p_b if not windowed else pair_factors(gamma, d2, d2_min, inside) / pair_total[..., None]
+        g_gamma_d2 = coefficient[..., None] * p_box
+        g_gamma = jnp.sum(g_gamma_d2 * d2[:, None], axis=(2, 3))
+        g_d2 = jnp.sum(g_gamma_d2 * gamma[:, :, None, None], axis=1)  # [Q, N, M]
+
+        # The basis part: ∂L/∂(γ d²) = w P Gb, and dφ/dd.
+        triple_weights = weights[..., None] * p_b
+        g_gamma_d2_b = triple_weights * g_b
+        g_gamma = g_gamma + jnp.sum(g_gamma_d2_b * d2_b[:, None], axis=(2, 3))
+        g_d2_b = jnp.sum(g_gamma_d2_b * gamma[:, :, None, None], axis=1)
+        if exact_basis_gradient:
+            g_dist = jnp.sum(triple_weights * (g_mu - dist_b[:, None] * g_b), axis=1) / width**2
+            positive = d2_b > 0
+            g_d2_b = g_d2_b + jnp.where(positive, g_dist / (2 * jnp.where(positive, dist_b, 1.0)), 0.0)
+
+        if windowed:
+            g_lattice, g_diff = _geometry_vjp(lattice, frac_diff, shifts, 2 * r * g_d2[..., None])
+            g_lattice_b, g_diff_b = _geometry_vjp(lattice, pair_part, shared, 2 * r_b * g_d2_b[..., None])
+            g_lattice, g_diff = g_lattice + g_lattice_b, g_diff + g_diff_b
+        else:
+            g_lattice, g_diff = _geometry_vjp(lattice, frac_diff, shifts, 2 * r * (g_d2 + g_d2_b)[..., None])
+
+        g_scores = g_logits / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
         g_q = jnp.einsum("qhn,nhc->qhc", g_scores, k, precision=HIGHEST)
         g_k = jnp.einsum("qhn,qhc->nhc", g_scores, q, precision=HIGHEST)
-        g_gamma = jnp.sum(g_logits * d2[:, None], axis=(2, 3))
-        g_vv = jnp.einsum("qhn,qhc->nhc", jnp.sum(weights, axis=-1), g_v, precision=HIGHEST)
-
-        g_d2 = jnp.sum(g_logits * gamma[:, :, None, None], axis=1)
-        if exact_basis_gradient:
-            g_dist = jnp.sum(weights * (g_mu - dist[:, None] * g_b), axis=1) / width**2  # [Q, N, M]
-            positive = d2 > 0
-            g_d2 = g_d2 + jnp.where(positive, g_dist / (2 * jnp.where(positive, dist, 1.0)), 0.0)
-        g_r = 2 * r * g_d2[..., None]  # [Q, N, M, 3]
-        g_cell_part, g_shift_part = jnp.sum(g_r, axis=2), jnp.sum(g_r, axis=(0, 1))  # [Q, N, 3], [M, 3]
-        g_lattice = jnp.einsum("qnc,qnd->cd", frac_diff, g_cell_part, precision=HIGHEST) + jnp.einsum(
-            "mc,md->cd", shifts.astype(dtype), g_shift_part, precision=HIGHEST
-        )
-        g_diff = jnp.einsum("qnd,cd->qnc", g_cell_part, lattice, precision=HIGHEST)  # [Q, N, 3]
-        g_frac_k = jnp.sum(g_diff, axis=0)
-        g_frac_q = -jnp.sum(g_diff, axis=1)
-        return g_lattice, g_frac_k, None, g_k, g_vv, g_frac_q, g_q, g_gamma, None
+        g_vv = jnp.einsum("qhn,qhc->nhc", weights, g_v, precision=HIGHEST)
+        return g_lattice, jnp.sum(g_diff, axis=0), None, g_k, g_vv, -jnp.sum(g_diff, axis=1), g_q, g_gamma, None
 
     block.defvjp(block_fwd, block_bwd)
     return block
@@ -215,6 +322,7 @@ def periodic_attention(
     width: float,
     exact_basis_gradient: bool = True,
     chunk_size=None,
+    window=None,
 ):
     """Infinitely connected attention of every atom, aggregated before any projection.
 
@@ -228,6 +336,9 @@ def periodic_attention(
       centers: [K] basis centres, Å. width: basis width, Å.
       exact_basis_gradient: False reproduces upstream's gradient, which omits dφ/dd.
       chunk_size: (crystal, atom) query rows per block; None = automatic (see `block_plan`).
+      window: None, or static (W_1, W_2, W_3): evaluate the distance basis only on a window of W_d translations
+        per axis around each pair (`_make_block`); blocks whose cells are too small for it (`window_covers`) fall
+        back to the whole box, so results never depend on it beyond e⁻⁴⁰. Size it with `window_size`.
 
     Returns:
       agg_v [B, N, H, D] and agg_basis [B, N, H, K]; rows of padding atoms are finite but meaningless.
@@ -267,14 +378,24 @@ def periodic_attention(
     queries = tuple(query_blocks(x) for x in (frac, q, gamma, box))
     queries = tuple(jnp.moveaxis(x, 1, 0) for x in queries)  # [crystal blocks, query blocks, C, Q, ...]
 
-    attend = _make_block(shifts, centers, width, exact_basis_gradient, use_box)
-
-    def block(crystal_keys, query_rows):
-        return jax.vmap(attend)(*crystal_keys, *query_rows)
+    whole_box = jax.vmap(_make_block(shifts, centers, width, exact_basis_gradient, use_box))
+    if window is not None:
+        window = tuple(min(int(w), 2 * r + 1) for w, r in zip(window, ranges, strict=True))
+        partial_axes = [w < 2 * r + 1 for w, r in zip(window, ranges, strict=True)]
+        if not any(partial_axes):
+            window = None
+    if window is not None:
+        windowed = jax.vmap(_make_block(shifts, centers, width, exact_basis_gradient, use_box, window))
+        checked = [w if partial else np.inf for w, partial in zip(window, partial_axes, strict=True)]
+        cutoff = basis_cutoff(centers, width)
 
     def crystal_block(args):
         crystal_keys, query_rows = args
-        return jax.lax.map(lambda rows: block(crystal_keys, rows), query_rows)
+        if window is None:
+            return jax.lax.map(lambda rows: whole_box(*crystal_keys, *rows), query_rows)
+        lattice_c, _, mask_c = crystal_keys[:3]
+        covered = jnp.all(window_covers(lattice_c, checked, cutoff) | ~jnp.any(mask_c, axis=-1))
+        return jax.lax.map(lambda rows: jax.lax.cond(covered, windowed, whole_box, *crystal_keys, *rows), query_rows)
 
     agg_v, agg_basis = jax.lax.map(crystal_block, (keys, queries))
 

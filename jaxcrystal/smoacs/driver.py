@@ -146,7 +146,7 @@ class OptimizationResult:
     out: Path | None
 
 
-def load_property_models(config: RunConfig, reach=None, image_box=None) -> dict:
+def load_property_models(config: RunConfig, reach=None, image_box=None, start_cells=None) -> dict:
     """Property name -> `PropertyModel` for the task's main and second properties.
 
     Args:
@@ -154,6 +154,8 @@ def load_property_models(config: RunConfig, reach=None, image_box=None) -> dict:
       reach: [K, 3, 3] lattices bounding the smallest cells the run can visit; static periodic ranges are sized
         from them (graph predictors' neighbour-search box, Crystalformer's adaptive-box bound). None: defaults.
       image_box: override of the neighbour-search box (the optimizer enlarges it after an overflow).
+      start_cells: [K, 3, 3] lattices the run starts from; Crystalformer's basis window is sized for them (cells
+        that shrink below it fall back to the whole box: same results, slower). None: no window under `jit`.
     """
     task = presets.TASK_SPECS[config.task]
     needed = [task.main, task.second]
@@ -170,7 +172,7 @@ def load_property_models(config: RunConfig, reach=None, image_box=None) -> dict:
             kind, _, path = source.partition(":") if source.split(":", 1)[0] in presets.MODELS else ("", "", "")
             kind, path = (kind, path) if kind else (config.model, source)
             options = _model_options(config, kind)
-            predictor = _load_sized(kind, path, config.model_config, reach, image_box, options)
+            predictor = _load_sized(kind, path, config.model_config, reach, image_box, options, start_cells)
             models[prop] = PropertyModel(prop, predictor, None, units)
         elif config.model == "cgcnn" and prop in EMBEDDED:
             name, transform = EMBEDDED[prop]
@@ -206,17 +208,21 @@ def _model_options(config: RunConfig, kind: str) -> dict:
     return out
 
 
-def _load_sized(kind: str, source, model_config, reach, image_box, options: dict):
-    """`load_predictor` with the static periodic range each kind needs for the cells of `reach`."""
+def _load_sized(kind: str, source, model_config, reach, image_box, options: dict, start_cells=None):
+    """`load_predictor` with the static periodic ranges each kind needs for the cells of `reach` (and, for
+    Crystalformer's basis window unless `options` set it, of `start_cells`)."""
     if kind in ("cgcnn", "alignn"):
         sized = {"image_box": image_box} if image_box else {}
         return load_predictor(kind, source, config=model_config, **options, **sized)
     predictor = load_predictor(kind, source, config=model_config, **options)
     if kind == "crystalformer" and reach is not None:
-        from jaxcrystal.models.crystalformer import required_range
+        from jaxcrystal.models.crystalformer import required_range, required_window
 
-        max_range = required_range(np.asarray(reach), predictor.metadata["config"])
-        predictor = load_predictor(kind, source, config=model_config, max_range=max_range, **options)
+        arch = predictor.metadata["config"]
+        sized = {"max_range": required_range(np.asarray(reach), arch)}
+        if start_cells is not None and "basis_window" not in options:
+            sized["basis_window"] = required_window(np.asarray(start_cells), arch)
+        predictor = load_predictor(kind, source, config=model_config, **options, **sized)
     return predictor
 
 
@@ -392,11 +398,12 @@ class _Engine:
     def __init__(self, config: RunConfig, pool: templates.Templates):
         self.config = config
         self.reach = _reach(pool)
+        self.start_cells = np.array([s.lattice.matrix for s in pool.structures])
         self._build(required_image_box(self.reach, NEIGHBOR_CUTOFF), pool)
 
     def _build(self, box, pool=None):
         self.box = box
-        self.models = load_property_models(self.config, self.reach, image_box=box)
+        self.models = load_property_models(self.config, self.reach, image_box=box, start_cells=self.start_cells)
         if pool is not None:
             self.loop = _loop_config(self.config, self.models, pool)
             self.criteria = criteria_for(self.config, self.loop)

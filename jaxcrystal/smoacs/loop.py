@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from jaxcrystal import chemistry
+from jaxcrystal.compile_options import compiler_options
 from jaxcrystal.objectives import Objective, ToleranceObjective, total_loss
 from jaxcrystal.predictors.base import Predictor
 from jaxcrystal.smoacs import parametrization as pz
@@ -286,7 +287,7 @@ def make_loop(models: dict, config: LoopConfig) -> Loop:
         new_state = LoopState(s + 1, variables, opt_state, problem, graphs, healthy, overflow, rng)
         return _strong(new_state), row
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options())
     def init(params, variables, problem, rng):
         del params  # the signature matches `advance`; graphs need only the geometry
         b = problem.atom_mask.shape[0]
@@ -304,7 +305,7 @@ def make_loop(models: dict, config: LoopConfig) -> Loop:
         )
         return _strong(state)
 
-    @functools.partial(jax.jit, static_argnums=2)
+    @functools.partial(jax.jit, static_argnums=2, compiler_options=compiler_options())
     def advance(params, state, num_steps):
         return jax.lax.scan(functools.partial(step, params), state, length=num_steps)
 
@@ -317,7 +318,7 @@ def make_loop(models: dict, config: LoopConfig) -> Loop:
 def make_predict(models: dict):
     """Jitted `predict(params, crystal) -> {name: [B]}` with each graph built for the given structure."""
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options())
     def predict(params, crystal):
         out = {}
         for name, model in models.items():
