@@ -32,6 +32,7 @@ from jaxcrystal.predictors.crystalformer import load, make_apply  # noqa: E402
 COLUMNS = [
     ("case", "case", ""),
     ("blocks", "block (CxQ)", ""),
+    ("basis_window", "basis window", ""),
     ("mode", "mode", ""),
     ("compile_s", "compile s", ".1f"),
     ("median_s", "run s", ".3f"),
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
             timing = common.steady(compiled, batch[:3], args.repeats)
             row = {"case": case, "blocks": f"{plan[0]}x{plan[1]}", "mode": mode, "compile_s": compile_s, **timing}
             row.update(gflop=flops / 1e9, matmul_gflops=rate, temp_mb=temp / 2**20, max_range=max_range)
-            row["basis_window"] = case_window
+            row["basis_window"] = "x".join(str(w) for w in case_window) if case_window else "box"
             row["util"] = common.utilization(flops, timing["min_s"], rate)
             row["peak_rss_mb"] = common.peak_rss_mb()
             rows.append(row)

@@ -20,6 +20,7 @@ from jaxcrystal.errors import CheckpointError, ConfigError
 from jaxcrystal.models.crystalformer import (
     Crystalformer,
     CrystalformerConfig,
+    cheapest_window,
     range_overflow,
     required_range,
     required_window,
@@ -427,3 +428,12 @@ def test_basis_window_gives_the_whole_box_result(x64):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
     with pytest.raises(ConfigError, match="basis_window"):
         make_apply(TOY, "fixed", basis_window=(4, 4))(toy_params(), *big)
+
+
+def test_cheapest_window_weighs_fallback_blocks():
+    """TOY needs 4 translations per axis for a 12 Å cell and the whole 5 for a 6 Å one: with one crystal per
+    block, W = 4 (3 x 64 + 125 < 4 x 125); with all four crystals in one block, the block falls back: W = 5."""
+    cells = np.stack([np.eye(3) * 12.0] * 3 + [np.eye(3) * 6.0])
+    assert cheapest_window(cells, TOY, (2, 2, 2), num_atoms=135) == (4, 4, 4)
+    assert cheapest_window(cells, TOY, (2, 2, 2), num_atoms=5) == (5, 5, 5)
+    assert cheapest_window(cells[:3], TOY, (2, 2, 2), num_atoms=5) == (4, 4, 4)

@@ -44,6 +44,7 @@ from jaxcrystal.errors import ConfigError
 from jaxcrystal.models.periodic_attention import (
     HIGHEST,
     basis_cutoff,
+    block_plan,
     inverse_plane_spacings,
     periodic_attention,
     window_size,
@@ -224,6 +225,36 @@ def required_window(lattice, config: CrystalformerConfig) -> tuple:
     """
     cutoff = max(basis_cutoff(*config.basis(layer)) for layer in range(config.num_layers))
     return tuple(int(w) for w in window_size(lattice, cutoff))
+
+
+def cheapest_window(lattice, config: CrystalformerConfig, grid, num_atoms: int, chunk_size=None) -> tuple:
+    """Host-side basis window (W, W, W) with the least basis work for a batch of cells of different sizes.
+
+    An attention block whose crystals the window covers costs Π_d min(W, 2 R_d + 1) translations per atom pair, a
+    block with any crystal it does not cover falls back to the whole grid, Π_d (2 R_d + 1) (see
+    `periodic_attention`; blocks hold consecutive crystals, `block_plan`); the W with the least total wins (the
+    larger on ties). E.g. SMOACS's random 3x3x3 perovskites (axes of 6-30 Å, one crystal per block): W = 6 covers
+    all of them but is the whole 5³ grid, W = 3 covers about half of them with 27 translations.
+
+    Args:
+      lattice: [B, 3, 3] rows, Å (concrete). grid: the static box bound (R_1, R_2, R_3) of the calls.
+      num_atoms, chunk_size: atoms per crystal and the attention's `chunk_size`, which set the blocks.
+    """
+    cutoff = max(basis_cutoff(*config.basis(layer)) for layer in range(config.num_layers))
+    spacings_inv = np.asarray(inverse_plane_spacings(jnp.asarray(lattice, jnp.float32)), np.float64).reshape(-1, 3)
+    needed = np.floor(2 * cutoff * spacings_inv * (1 + 1e-4)).astype(int) + 1  # per crystal, as `window_size`
+    full = 2 * np.asarray(grid) + 1
+    per_block = block_plan(len(needed), num_atoms, int(np.prod(full)), config.value_pe_dist_real, 4, chunk_size)[0]
+    starts = np.arange(0, len(needed), per_block)
+    best_cost, best = None, None
+    for w in range(1, int(full.max()) + 1):
+        clipped = np.minimum(w, full)
+        covered = np.all((needed <= clipped) | (clipped == full), axis=1)
+        covered = np.repeat(np.logical_and.reduceat(covered, starts), per_block)[: len(needed)]  # whole blocks
+        cost = np.where(covered, np.prod(clipped), np.prod(full)).sum()
+        if best_cost is None or cost <= best_cost:
+            best_cost, best = cost, w
+    return (best,) * 3
 
 
 def _normalize_window(window) -> tuple | None:

@@ -146,7 +146,7 @@ class OptimizationResult:
     out: Path | None
 
 
-def load_property_models(config: RunConfig, reach=None, image_box=None, start_cells=None) -> dict:
+def load_property_models(config: RunConfig, reach=None, image_box=None, start_cells=None, start_atoms=1) -> dict:
     """Property name -> `PropertyModel` for the task's main and second properties.
 
     Args:
@@ -154,8 +154,9 @@ def load_property_models(config: RunConfig, reach=None, image_box=None, start_ce
       reach: [K, 3, 3] lattices bounding the smallest cells the run can visit; static periodic ranges are sized
         from them (graph predictors' neighbour-search box, Crystalformer's adaptive-box bound). None: defaults.
       image_box: override of the neighbour-search box (the optimizer enlarges it after an overflow).
-      start_cells: [K, 3, 3] lattices the run starts from; Crystalformer's basis window is sized for them (cells
-        that shrink below it fall back to the whole box: same results, slower). None: no window under `jit`.
+      start_cells: [K, 3, 3] lattices the run starts from; Crystalformer's basis window is sized for them
+        (`cheapest_window`; smaller cells fall back to the whole box: same results). None: no window under `jit`.
+      start_atoms: atoms per crystal of those cells.
     """
     task = presets.TASK_SPECS[config.task]
     needed = [task.main, task.second]
@@ -172,7 +173,8 @@ def load_property_models(config: RunConfig, reach=None, image_box=None, start_ce
             kind, _, path = source.partition(":") if source.split(":", 1)[0] in presets.MODELS else ("", "", "")
             kind, path = (kind, path) if kind else (config.model, source)
             options = _model_options(config, kind)
-            predictor = _load_sized(kind, path, config.model_config, reach, image_box, options, start_cells)
+            start = None if start_cells is None else (start_cells, start_atoms)
+            predictor = _load_sized(kind, path, config.model_config, reach, image_box, options, start)
             models[prop] = PropertyModel(prop, predictor, None, units)
         elif config.model == "cgcnn" and prop in EMBEDDED:
             name, transform = EMBEDDED[prop]
@@ -208,20 +210,23 @@ def _model_options(config: RunConfig, kind: str) -> dict:
     return out
 
 
-def _load_sized(kind: str, source, model_config, reach, image_box, options: dict, start_cells=None):
+def _load_sized(kind: str, source, model_config, reach, image_box, options: dict, start=None):
     """`load_predictor` with the static periodic ranges each kind needs for the cells of `reach` (and, for
-    Crystalformer's basis window unless `options` set it, of `start_cells`)."""
+    Crystalformer's basis window unless `options` set it, of `start` = (cells [K, 3, 3], atoms per crystal))."""
     if kind in ("cgcnn", "alignn"):
         sized = {"image_box": image_box} if image_box else {}
         return load_predictor(kind, source, config=model_config, **options, **sized)
     predictor = load_predictor(kind, source, config=model_config, **options)
     if kind == "crystalformer" and reach is not None:
-        from jaxcrystal.models.crystalformer import required_range, required_window
+        from jaxcrystal.models.crystalformer import cheapest_window, required_range
 
         arch = predictor.metadata["config"]
         sized = {"max_range": required_range(np.asarray(reach), arch)}
-        if start_cells is not None and "basis_window" not in options:
-            sized["basis_window"] = required_window(np.asarray(start_cells), arch)
+        if start is not None and "basis_window" not in options:
+            fixed = options.get("truncation") == "fixed"
+            grid = (arch.lattice_range,) * 3 if fixed else sized["max_range"]
+            cells, atoms = start
+            sized["basis_window"] = cheapest_window(np.asarray(cells), arch, grid, atoms, options.get("chunk_size"))
         predictor = load_predictor(kind, source, config=model_config, **options, **sized)
     return predictor
 
@@ -399,11 +404,14 @@ class _Engine:
         self.config = config
         self.reach = _reach(pool)
         self.start_cells = np.array([s.lattice.matrix for s in pool.structures])
+        self.start_atoms = max(len(s) for s in pool.structures)
         self._build(required_image_box(self.reach, NEIGHBOR_CUTOFF), pool)
 
     def _build(self, box, pool=None):
         self.box = box
-        self.models = load_property_models(self.config, self.reach, image_box=box, start_cells=self.start_cells)
+        self.models = load_property_models(
+            self.config, self.reach, image_box=box, start_cells=self.start_cells, start_atoms=self.start_atoms
+        )
         if pool is not None:
             self.loop = _loop_config(self.config, self.models, pool)
             self.criteria = criteria_for(self.config, self.loop)
