@@ -207,6 +207,7 @@ def make_loop(models: dict, config: LoopConfig) -> Loop:
     rebuild_every_step = bool(refresh_table.all())
     mutate_now = jnp.asarray(config.mutation_table())
     graph_names = tuple(n for n, m in models.items() if m.predictor.is_graph_model)
+    options = compiler_options(tuple(sorted({m.predictor.kind for m in models.values()})))
     main_key = next((f"{o.kind}:{o.property}" for o in config.objectives if o.property == config.main_property), None)
     second_key = next(
         (f"{o.kind}:{o.property}" for o in config.objectives if o.property == config.second_property), None
@@ -287,7 +288,7 @@ def make_loop(models: dict, config: LoopConfig) -> Loop:
         new_state = LoopState(s + 1, variables, opt_state, problem, graphs, healthy, overflow, rng)
         return _strong(new_state), row
 
-    @functools.partial(jax.jit, compiler_options=compiler_options())
+    @functools.partial(jax.jit, compiler_options=options)
     def init(params, variables, problem, rng):
         del params  # the signature matches `advance`; graphs need only the geometry
         b = problem.atom_mask.shape[0]
@@ -305,7 +306,7 @@ def make_loop(models: dict, config: LoopConfig) -> Loop:
         )
         return _strong(state)
 
-    @functools.partial(jax.jit, static_argnums=2, compiler_options=compiler_options())
+    @functools.partial(jax.jit, static_argnums=2, compiler_options=options)
     def advance(params, state, num_steps):
         return jax.lax.scan(functools.partial(step, params), state, length=num_steps)
 
@@ -317,8 +318,9 @@ def make_loop(models: dict, config: LoopConfig) -> Loop:
 
 def make_predict(models: dict):
     """Jitted `predict(params, crystal) -> {name: [B]}` with each graph built for the given structure."""
+    options = compiler_options(tuple(sorted({m.predictor.kind for m in models.values()})))
 
-    @functools.partial(jax.jit, compiler_options=compiler_options())
+    @functools.partial(jax.jit, compiler_options=options)
     def predict(params, crystal):
         out = {}
         for name, model in models.items():
