@@ -11,7 +11,7 @@ the process peak RSS (monotone over the run: run one case per process for a clea
 
 FLOPs: XLA's cost analysis counts a loop body once, and the attention runs as a loop over query blocks; so the
 FLOPs are those of one crystal compiled as a single block, times B (the work is linear in B). With a basis window
-(`--basis-window`, default: sized for the case's cells) they are the windowed branch's (`common.window_branch_only`).
+(`--basis-window`, default: sized for the case's cells) they are the windowed branch's (`common.window_branch`).
 Without `--ckpt` the weights are random (default.json architecture; the cost does not depend on the values).
 """
 
@@ -104,13 +104,15 @@ def main(argv=None) -> int:
             if mode not in args.modes:
                 continue
             compiled, compile_s, _, temp = common.compile_fn(fn, *batch[:3])
-            with common.window_branch_only():  # the cells are covered: count the branch that runs
+            with common.window_branch(True):  # the window is sized for these cells: count the branch that runs
                 flops = common.compile_fn(functions(one_block, params, one[3])[mode], *one[:3])[2] * num_crystals
             rate = common.matmul_rate()
             timing = common.steady(compiled, batch[:3], args.repeats)
             row = {"case": case, "blocks": f"{plan[0]}x{plan[1]}", "mode": mode, "compile_s": compile_s, **timing}
             row.update(gflop=flops / 1e9, matmul_gflops=rate, temp_mb=temp / 2**20, max_range=max_range)
-            row["basis_window"] = "x".join(str(w) for w in case_window) if case_window else "box"
+            effective = [min(w, 2 * r + 1) for w, r in zip(case_window or (), shifts, strict=False)]
+            whole = not effective or effective == [2 * r + 1 for r in shifts]
+            row["basis_window"] = "box" if whole else "x".join(str(w) for w in effective)
             row["util"] = common.utilization(flops, timing["min_s"], rate)
             row["peak_rss_mb"] = common.peak_rss_mb()
             rows.append(row)

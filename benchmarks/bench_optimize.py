@@ -76,9 +76,9 @@ def compiled_loop(structure: str, candidates: int, setup: dict, segment: int, mo
     """The loop `jaxcrystal.optimize` builds, compiled for `candidates` candidates of `structure`.
 
     Returns (compiled advance of `segment` steps, model parameters, initial loop state, (init compile s, advance
-    compile s), neighbour-search image box, atoms per candidate N). The image box depends only on the structure
-    family (perovskite cells never shrink below 2 Å per cell), so a one-candidate loop has the same shapes per
-    candidate as the full batch.
+    compile s), neighbour-search image box, atoms per candidate N, Crystalformer basis window or None, [B] bool:
+    the start cells it covers). The image box depends only on the structure family (perovskite cells never shrink
+    below 2 Å per cell), so a one-candidate loop has the same shapes per candidate as the full batch.
     """
     from jaxcrystal.smoacs import driver
     from jaxcrystal.smoacs import parametrization as pz
@@ -101,7 +101,24 @@ def compiled_loop(structure: str, candidates: int, setup: dict, segment: int, mo
     start = time.perf_counter()
     advance = lowered.compile()
     advance_s = time.perf_counter() - start
-    return advance, params, state, (init_s, advance_s), engine.box, int(problem.atom_mask.shape[1])
+    window, covered = basis_window(engine, pz.decode_lattice(variables, problem, engine.loop.geometry))
+    return advance, params, state, (init_s, advance_s), engine.box, int(problem.atom_mask.shape[1]), window, covered
+
+
+def basis_window(engine, lattice):
+    """(window, [B] bool covered) of the run's Crystalformer basis window for these cells, or (None, None)."""
+    from jaxcrystal.models.periodic_attention import basis_cutoff, window_covers
+
+    for model in engine.models.values():
+        meta = model.predictor.metadata
+        if model.predictor.kind != "crystalformer" or meta.get("basis_window") in (None, "auto"):
+            continue
+        arch, window, grid = meta["config"], meta["basis_window"], meta["max_range"]
+        checked = [w if w < 2 * r + 1 else np.inf for w, r in zip(window, grid, strict=True)]
+        if not np.isinf(checked).all():
+            cutoff = max(basis_cutoff(*arch.basis(layer)) for layer in range(arch.num_layers))
+            return window, np.asarray(window_covers(lattice, checked, cutoff))
+    return None, None
 
 
 def measure_loop(structure: str, setup: dict, args, rate: float) -> dict:
@@ -109,9 +126,11 @@ def measure_loop(structure: str, setup: dict, args, rate: float) -> dict:
 
     FLOPs: XLA's cost analysis counts a loop body once, and the step contains loops over attention blocks,
     ALIGNN chunks and neighbour-search chunks. So the FLOPs of one step are counted on a one-candidate loop
-    compiled without any inner loop (`SINGLE_BLOCK` options) and multiplied by the number of candidates.
+    compiled without any inner loop (`SINGLE_BLOCK` options) and multiplied by the number of candidates; with a
+    Crystalformer basis window, once for the windowed and once for the whole-box branch, weighted by the number of
+    start cells the window covers (`common.window_branch`).
     """
-    advance, params, state, (init_s, advance_s), box, atoms = compiled_loop(
+    advance, params, state, (init_s, advance_s), box, atoms, window, covered = compiled_loop(
         structure, args.candidates, setup, args.segment
     )
     row = {"box": "x".join(str(m) for m in box), "atoms": atoms}
@@ -126,9 +145,15 @@ def measure_loop(structure: str, setup: dict, args, rate: float) -> dict:
     row["step_s"] = float(np.median(times))
     row["step_min_s"] = float(np.min(times))
     single = SINGLE_BLOCK[setup["model"]](atoms)
-    with common.window_branch_only():  # Crystalformer: the window is sized for the start cells
-        one = compiled_loop(structure, 1, setup, 1, single)[0]
-    flops = common.xla_flops(one) * args.candidates
+    if window is None:
+        flops = common.xla_flops(compiled_loop(structure, 1, setup, 1, single)[0]) * args.candidates
+    else:
+        row["window_covered"] = int(covered.sum())
+        flops = 0.0
+        for taken, count in ((True, covered.sum()), (False, (~covered).sum())):
+            with common.window_branch(taken):
+                one = compiled_loop(structure, 1, setup, 1, {**single, "basis_window": window})[0]
+            flops += common.xla_flops(one) * int(count)
     row["step_gflop"] = flops / 1e9
     row["step_util"] = common.utilization(flops, row["step_min_s"], rate)
     return row

@@ -177,18 +177,18 @@ def xla_temp_bytes(compiled) -> float:
 
 
 @contextlib.contextmanager
-def window_branch_only():
-    """While active, programs compiled with a Crystalformer basis window leave out the whole-box fallback.
+def window_branch(taken: bool):
+    """While active, programs compiled with a Crystalformer basis window keep only one branch of its `lax.cond`.
 
     `periodic_attention` evaluates the windowed basis under `lax.cond`, with the whole box as the fallback for
-    cells too small for the window, and XLA's cost analysis counts the larger branch. To count the FLOPs of the
-    work that runs on cells the window covers (the benchmarks size the window for their cells), the coverage
-    test is replaced by True and XLA drops the other branch. Use it for FLOP counting only.
+    cells too small for the window, and XLA's cost analysis counts the larger branch. To count the FLOPs of what
+    runs, the coverage test is replaced by the constant `taken` (True: the window, False: the whole box) and XLA
+    drops the other branch. Use it for FLOP counting only.
     """
     from jaxcrystal.models import periodic_attention
 
     original = periodic_attention.window_covers
-    periodic_attention.window_covers = lambda lattice, window, cutoff: jnp.ones(lattice.shape[:-2], bool)
+    periodic_attention.window_covers = lambda lattice, window, cutoff: jnp.full(lattice.shape[:-2], taken)
     try:
         yield
     finally:

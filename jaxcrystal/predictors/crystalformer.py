@@ -15,8 +15,9 @@ Options:
   basis_window: translations per axis on which the RBF distance basis is evaluated around each atom pair (an int
     or 3 ints; see `jaxcrystal.models.crystalformer`). "auto" (default): `required_window` of each call's lattice,
     or the whole box under `jit`/`scan` (a traced lattice), where a static value is needed: e.g.
-    `required_window(start_lattices, config)`; batches with smaller cells fall back to the whole box. None: the
-    whole box always. Results agree with the whole box to rounding (the terms left out are < e⁻⁴⁰).
+    `required_window(start_lattices, config)`, or `cheapest_window` (jaxcrystal.models.crystalformer) for cells of
+    mixed sizes; attention blocks with smaller cells fall back to the whole box. None: the whole box always.
+    Results agree with the whole box to rounding (the terms left out are < e⁻⁴⁰).
 """
 
 import json
