@@ -4,7 +4,7 @@ On CPU, XLA (jaxlib 0.10) hands elementwise and reduction fusions to the YNNPACK
 attention kernels here they ran several times slower than XLA's own loop fusions (measured on this project's
 benchmark machine: the backward pass of one 8-row Crystalformer attention block of a 135-atom crystal, 25 ms
 with them, 5-8 ms without; ALIGNN forward+gradient 8 x 135 atoms 11.3 s with them, 7.1-7.5 s without), while
-CGCNN is faster with them (128 x 5 forward 0.019 vs 0.037 s, optimization step 0.074 vs 0.103 s).
+CGCNN is faster with them (128 x 5 forward 0.019 vs 0.037 s, optimization step 0.086 vs 0.103 s).
 `compiler_options(kinds)` therefore turns them off for programs that hold a Crystalformer or ALIGNN model (the
 optimization loop, the Crystalformer predictor's own `jit`, `benchmarks/`); it is empty for CGCNN alone, on other
 backends, and when the running jaxlib does not know the option. Results are the same up to float rounding.
