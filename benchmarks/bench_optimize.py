@@ -107,7 +107,7 @@ def compiled_loop(structure: str, candidates: int, setup: dict, segment: int, mo
 
 def basis_window(engine, lattice):
     """(window, [B] bool covered) of the run's Crystalformer basis window for these cells, or (None, None)."""
-    from jaxcrystal.models.periodic_attention import basis_cutoff, window_covers
+    from jaxcrystal.models.periodic_attention import window_covers
 
     for model in engine.models.values():
         meta = model.predictor.metadata
@@ -116,8 +116,7 @@ def basis_window(engine, lattice):
         arch, window, grid = meta["config"], meta["basis_window"], meta["max_range"]
         checked = [w if w < 2 * r + 1 else np.inf for w, r in zip(window, grid, strict=True)]
         if not np.isinf(checked).all():
-            cutoff = max(basis_cutoff(*arch.basis(layer)) for layer in range(arch.num_layers))
-            return window, np.asarray(window_covers(lattice, checked, cutoff))
+            return window, np.asarray(window_covers(lattice, checked, arch.basis_cutoff()))
     return None, None
 
 

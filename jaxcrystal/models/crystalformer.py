@@ -48,6 +48,7 @@ from jaxcrystal.models.periodic_attention import (
     inverse_plane_spacings,
     periodic_attention,
     window_size,
+    window_sizes,
 )
 
 TRUNCATIONS = ("adaptive", "fixed")
@@ -122,6 +123,10 @@ class CrystalformerConfig:
             r_max = -r_max * self.r0(layer)
         step = r_max / self.value_pe_dist_real
         return np.arange(1, self.value_pe_dist_real + 1) * step, self.value_pe_width_scale * step
+
+    def basis_cutoff(self) -> float:
+        """The distance (Å) beyond which every layer's RBF basis is below e⁻⁴⁰ (`periodic_attention.basis_cutoff`)."""
+        return max(basis_cutoff(*self.basis(layer)) for layer in range(self.num_layers))
 
     def max_sigma(self) -> float:
         """The widest Gaussian any layer can use, Å (ρ > lb)."""
@@ -223,8 +228,7 @@ def required_window(lattice, config: CrystalformerConfig) -> tuple:
     Args:
       lattice: [B, 3, 3] or [3, 3] rows, Å (numpy or concrete JAX array).
     """
-    cutoff = max(basis_cutoff(*config.basis(layer)) for layer in range(config.num_layers))
-    return tuple(int(w) for w in window_size(lattice, cutoff))
+    return tuple(int(w) for w in window_size(lattice, config.basis_cutoff()))
 
 
 def cheapest_window(lattice, config: CrystalformerConfig, grid, num_atoms: int, chunk_size=None) -> tuple:
@@ -240,9 +244,7 @@ def cheapest_window(lattice, config: CrystalformerConfig, grid, num_atoms: int, 
       lattice: [B, 3, 3] rows, Å (concrete). grid: the static box bound (R_1, R_2, R_3) of the calls.
       num_atoms, chunk_size: atoms per crystal and the attention's `chunk_size`, which set the blocks.
     """
-    cutoff = max(basis_cutoff(*config.basis(layer)) for layer in range(config.num_layers))
-    spacings_inv = np.asarray(inverse_plane_spacings(jnp.asarray(lattice, jnp.float32)), np.float64).reshape(-1, 3)
-    needed = np.floor(2 * cutoff * spacings_inv * (1 + 1e-4)).astype(int) + 1  # per crystal, as `window_size`
+    needed = window_sizes(lattice, config.basis_cutoff())  # [B, 3]
     full = 2 * np.asarray(grid) + 1
     per_block = block_plan(len(needed), num_atoms, int(np.prod(full)), config.value_pe_dist_real, 4, chunk_size)[0]
     starts = np.arange(0, len(needed), per_block)

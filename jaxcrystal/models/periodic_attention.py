@@ -76,8 +76,8 @@ def basis_cutoff(centers, width: float) -> float:
     return float(np.max(centers)) + width * math.sqrt(2 * BASIS_NEGLIGIBLE)
 
 
-def window_size(lattice, cutoff: float) -> np.ndarray:
-    """Translations per axis a basis window needs for these cells: [3] int (host; max over the batch).
+def window_sizes(lattice, cutoff: float) -> np.ndarray:
+    """Translations per axis a basis window needs for each cell: [B, 3] int (host).
 
     Seen from any query atom, the images of a key atom closer than `cutoff` have |(f_n - f_q + t)_d| <= cutoff·ρ_d
     (ρ_d: inverse spacing of the lattice planes d), so at most floor(2·cutoff·ρ_d) + 1 consecutive integers t_d.
@@ -86,7 +86,12 @@ def window_size(lattice, cutoff: float) -> np.ndarray:
       lattice: [..., 3, 3] rows, Å (concrete). cutoff: Å, see `basis_cutoff`.
     """
     spacings_inv = np.asarray(inverse_plane_spacings(jnp.asarray(lattice, jnp.float32)), np.float64).reshape(-1, 3)
-    return np.floor(2 * cutoff * spacings_inv.max(axis=0) * (1 + 1e-4)).astype(int) + 1
+    return np.floor(2 * cutoff * spacings_inv * (1 + 1e-4)).astype(int) + 1
+
+
+def window_size(lattice, cutoff: float) -> np.ndarray:
+    """The window that serves every one of these cells: [3] int, the maximum of `window_sizes`."""
+    return window_sizes(lattice, cutoff).max(axis=0)
 
 
 def window_covers(lattice, window, cutoff: float):
