@@ -3,6 +3,7 @@
     python benchmarks/bench_crystalformer.py                      # 128x5, 8x135, 32x135, 128x135
     python benchmarks/bench_crystalformer.py --cases 128x5 8x135 --truncation fixed --chunk-size 64 --json out.json
     python benchmarks/bench_crystalformer.py --ckpt megnet-bandgap-layer4.ckpt --config default.json
+    python benchmarks/bench_crystalformer.py --cases 8x135 --basis-window off   # the whole box, for comparison
 
 Per batch B x N (rattled perovskite supercells, soft species), in this process: compile time, the median and
 minimum of `--repeats` calls after a warm-up (forward; forward+gradient w.r.t. lattice, frac and species), XLA's
