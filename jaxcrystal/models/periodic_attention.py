@@ -217,11 +217,15 @@ def _make_block(shifts, centers, width: float, exact_basis_gradient: bool, with_
     def forward(lattice, frac_k, mask_k, k, v, frac_q, q, gamma, box):
         frac_diff, r, d2, d2_min, inside = box_geometry(lattice, frac_k, frac_q, box)
         tiny = jnp.finfo(d2.dtype).tiny  # S ≥ 1 unless the box excludes the nearest image
-        pair_total = jnp.maximum(jnp.sum(pair_factors(gamma, d2, d2_min, inside), axis=-1), tiny)  # S [Q, H, N]
+        factors = pair_factors(gamma, d2, d2_min, inside)  # summed only (fused) unless it is the basis's P
+        pair_total = jnp.maximum(jnp.sum(factors, axis=-1), tiny)  # S [Q, H, N]
         alpha = gamma[:, :, None] * d2_min[:, None] + jnp.log(pair_total)
         scores = jnp.einsum("qhc,nhc->qhn", q, k, precision=HIGHEST) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
         weights = jax.nn.softmax(jnp.where(mask_k, scores + alpha, _MASKED_LOGIT), axis=-1)  # w [Q, H, N]
-        _, _, _, d2_b, p_b = basis_triples(lattice, gamma, box, frac_diff, r, d2, d2_min, inside, pair_total)
+        if windowed:
+            _, _, _, d2_b, p_b = basis_triples(lattice, gamma, box, frac_diff, r, d2, d2_min, inside, pair_total)
+        else:
+            d2_b, p_b = d2, factors / pair_total[..., None]
         basis = gaussian_basis(safe_sqrt(d2_b), centers_np, width)  # [Q, N, M', K]
         agg_v = jnp.einsum("qhn,nhc->qhc", weights, v, precision=HIGHEST)
         agg_basis = jnp.einsum("qhnm,qnmk->qhk", weights[..., None] * p_b, basis, precision=HIGHEST)
