@@ -195,6 +195,22 @@ def window_branch(taken: bool):
         periodic_attention.window_covers = original
 
 
+@contextlib.contextmanager
+def grid_level(level: int):
+    """While active, Crystalformer attention runs every crystal block on one grid: `level` indexes its `grids`
+    (0: the smallest; clipped to the whole grid), so that XLA drops the other branches of its `lax.switch` (its
+    cost analysis would count the largest). Use it for FLOP counting only.
+    """
+    from jaxcrystal.models import periodic_attention
+
+    original = periodic_attention.grid_levels
+    periodic_attention.grid_levels = lambda box, mask, grids: jnp.full(box.shape[:1], min(level, len(grids)), jnp.int32)
+    try:
+        yield
+    finally:
+        periodic_attention.grid_levels = original
+
+
 def matmul_rate(size: int = 1024, repeats: int = 10) -> float:
     """Best float32 GFLOP/s of a jitted [size, size] @ [size, size] matmul (the machine's reachable rate)."""
     a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), jnp.float32)

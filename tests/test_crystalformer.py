@@ -21,10 +21,12 @@ from jaxcrystal.models.crystalformer import (
     Crystalformer,
     CrystalformerConfig,
     cheapest_window,
+    intermediate_grids,
     range_overflow,
     required_range,
     required_window,
 )
+from jaxcrystal.models.periodic_attention import grid_levels
 from jaxcrystal.predictors.crystalformer import make_apply
 
 CKPTS = {"bandgap": "default.json", "eform": "default.json", "layers7": "layers7.json"}
@@ -437,3 +439,32 @@ def test_cheapest_window_weighs_fallback_blocks():
     assert cheapest_window(cells, TOY, (2, 2, 2), num_atoms=135) == (4, 4, 4)
     assert cheapest_window(cells, TOY, (2, 2, 2), num_atoms=5) == (5, 5, 5)
     assert cheapest_window(cells[:3], TOY, (2, 2, 2), num_atoms=5) == (4, 4, 4)
+
+
+def test_smaller_grids_give_the_whole_grid_result(x64):
+    """Adaptive boxes on the grid the smallest of six cells needs ((5, 4, 4)); in the second layer three crystals
+    fit (2, 2, 2), one (3, 3, 3) and two only (4, 4, 4). Sorted into blocks of two crystals by the grid they fit,
+    values and input gradients equal those of the whole grid."""
+    sizes = (7.5, 2.0, 7.0, 3.0, 7.2, 1.8)
+    crystals = [toy_crystal(seed=s, n=3, a=a) for s, a in enumerate(sizes)]
+    batch = tuple(np.concatenate(p) for p in zip(*crystals, strict=True))
+    max_range = required_range(batch[0], TOY)
+    grids = intermediate_grids(max_range, TOY.lattice_range)
+    assert max_range == (5, 4, 4) and grids == ((2, 2, 2), (3, 3, 3), (4, 4, 4))
+    model = Crystalformer(TOY, truncation="adaptive", max_range=max_range)
+    _, state = model.apply({"params": toy_params()}, *batch, mutable=["intermediates"])
+    levels = grid_levels(state["intermediates"]["box_layer1"][0], jnp.asarray(batch[3]), grids)
+    assert levels.tolist() == [0, 2, 0, 1, 0, 2]
+
+    def run(smaller_grids):
+        apply = functools.partial(
+            make_apply(TOY, "adaptive", chunk_size=6, max_range=max_range, smaller_grids=smaller_grids), toy_params()
+        )
+        value = apply(*batch)
+        grads = jax.grad(lambda la, fr, sp: apply(la, fr, sp, batch[3]).sum(), argnums=(0, 1, 2))(*batch[:3])
+        return value, grads
+
+    (value, grads), (want_value, want_grads) = run(True), run(False)
+    np.testing.assert_allclose(value, want_value, rtol=1e-12)
+    for got, want in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)

@@ -15,6 +15,7 @@ from jaxcrystal.models.periodic_attention import (
     _make_block,
     basis_cutoff,
     block_plan,
+    grid_levels,
     periodic_attention,
     translation_grid,
     window_covers,
@@ -176,3 +177,27 @@ def test_block_plan_balances_blocks():
         c, _ = block_plan(b, 1, 1, 1, 4, chunk_size=chunk)
         blocks = -(-b // c)
         assert c <= chunk and blocks == -(-b // min(chunk, b)) and blocks * c - b < blocks
+
+
+@pytest.mark.parametrize("chunk_size", [5, 10])
+def test_smaller_grids_equal_the_whole_grid(chunk_size, x64):
+    """Crystals whose boxes fit (1, 0, 1) and (1, 1, 1) run on those grids (one crystal per block, or two per block
+    after sorting by grid); equal to the reference over the whole grid."""
+    floats, mask, box = inputs()
+    box = box.at[0].set(jnp.minimum(box[0], jnp.asarray([1, 0, 1], jnp.int32))).at[2].set(jnp.minimum(box[2], 1))
+    grids = ((1, 0, 1), (1, 1, 1))
+    assert grid_levels(box, mask, grids).tolist() == [0, 2, 1]
+    loss = probe_loss(mask, len(CENTERS))
+
+    def ours(q, k, v, gamma, lattice, frac):
+        return periodic_attention(
+            q, k, v, gamma, lattice, frac, mask, ranges=RANGES, box=box, centers=CENTERS, width=WIDTH,
+            chunk_size=chunk_size, grids=grids,
+        )  # fmt: skip
+
+    def theirs(q, k, v, gamma, lattice, frac):
+        return reference(q, k, v, gamma, lattice, frac, mask, box, True)
+
+    assert_same_value_and_gradients(loss, ours, theirs, floats)
+    with pytest.raises(ValueError, match="grow towards"):
+        periodic_attention(*floats[:6], mask, ranges=RANGES, box=box, centers=CENTERS, width=WIDTH, grids=grids[::-1])

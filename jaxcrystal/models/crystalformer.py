@@ -259,6 +259,12 @@ def cheapest_window(lattice, config: CrystalformerConfig, grid, num_atoms: int, 
     return (best,) * 3
 
 
+def intermediate_grids(max_range, lattice_range: int) -> tuple:
+    """The grids an adaptive box may fit before `max_range`: (R, R, R) clipped to `max_range` for R from
+    `lattice_range` (the smallest box) up, e.g. (4, 4, 4), 2 -> ((2, 2, 2), (3, 3, 3))."""
+    return tuple(tuple(min(size, r) for r in max_range) for size in range(lattice_range, max(max_range)))
+
+
 def _normalize_window(window) -> tuple | None:
     if window is None:
         return None
@@ -287,6 +293,7 @@ class PeriodicAttention(nn.Module):
     max_range: tuple | None
     chunk_size: int | None
     basis_window: tuple | None = None
+    grids: tuple = ()
 
     @nn.compact
     def __call__(self, h, lattice, frac, mask):
@@ -337,6 +344,7 @@ class PeriodicAttention(nn.Module):
             exact_basis_gradient=self.gradient == "exact",
             chunk_size=self.chunk_size,
             window=self.basis_window,
+            grids=self.grids,
         )
         out = agg_v + jnp.einsum("bnhk,hck->bnhc", agg_basis, pe_proj, precision=HIGHEST)
         out = nn.DenseGeneral(cfg.model_dim, axis=(-2, -1), name="out", precision=HIGHEST, param_dtype=h.dtype)(out)
@@ -352,6 +360,9 @@ class Crystalformer(nn.Module):
       chunk_size: query rows per attention block (None = automatic), see `periodic_attention`.
       basis_window: static (W_1, W_2, W_3) translations per axis for the RBF basis, or None (the whole box); see
         the module docstring and `required_window`.
+      smaller_grids: with adaptive truncation, let attention blocks whose boxes all fit a smaller grid than
+        `max_range` run on it (`intermediate_grids`; the same result, less work when most cells are larger than the
+        smallest one `max_range` is sized for).
 
     Intermediates (`mutable=["intermediates"]`): embed, layer{l}, gamma_layer{l}, box_layer{l} (adaptive), pooled.
     """
@@ -362,6 +373,7 @@ class Crystalformer(nn.Module):
     max_range: tuple | int | None = None
     chunk_size: int | None = None
     basis_window: tuple | None = None
+    smaller_grids: bool = True
 
     @nn.compact
     def __call__(self, lattice, frac, species, mask):
@@ -370,13 +382,14 @@ class Crystalformer(nn.Module):
             raise ConfigError(f"truncation must be one of {TRUNCATIONS}, got {self.truncation!r}")
         if self.gradient not in GRADIENTS:
             raise ConfigError(f"gradient must be one of {GRADIENTS}, got {self.gradient!r}")
-        max_range = None
+        max_range, grids = None, ()
         if self.truncation == "adaptive":
             if self.max_range is None:
                 raise ConfigError("truncation='adaptive' needs a static max_range (see required_range)")
             max_range = _normalize_range(self.max_range)
             if min(max_range) < self.config.lattice_range:
                 raise ConfigError(f"max_range {max_range} is below lattice_range {self.config.lattice_range}")
+            grids = intermediate_grids(max_range, self.config.lattice_range) if self.smaller_grids else ()
         cfg = self.config
         dtype = species.dtype
         frac = frac - jax.lax.stop_gradient(jnp.floor(frac))
@@ -392,6 +405,7 @@ class Crystalformer(nn.Module):
                 max_range,
                 self.chunk_size,
                 _normalize_window(self.basis_window),
+                grids,
                 name=f"layer_{layer}_attn",
             )
             update, gamma, box = attn(h, lattice, frac, mask)

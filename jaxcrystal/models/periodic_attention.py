@@ -21,7 +21,8 @@ The dominant tensors are per (query, key, translation): the basis φ [Q, N, M, K
 (crystal, atom) rows with `lax.map`, and the backward pass of a block (a hand-written VJP) rebuilds them from the
 block's inputs, so the peak memory is that of one block whatever the batch size. The basis, which is below e⁻⁴⁰
 beyond `basis_cutoff` (16 Å for Crystalformer's default), can be restricted to a window of translations around
-each pair (`window`): for a 12 Å cell with the ±2 box, 27 of the 125 translations.
+each pair (`window`): for a 12 Å cell with the ±2 box, 27 of the 125 translations. With per-query boxes, blocks of
+crystals whose boxes all fit a smaller grid than `ranges` run on that grid (`grids`).
 """
 
 import math
@@ -310,6 +311,29 @@ def block_plan(num_crystals: int, num_atoms: int, num_shifts: int, num_basis: in
     return 1, math.ceil(num_atoms / num_query_blocks)
 
 
+def _check_grids(grids, ranges) -> list:
+    """`grids` as a list of int triples, each within the next and within `ranges` (which is left out)."""
+    checked = []
+    for grid in grids:
+        grid = tuple(int(r) for r in grid)
+        if len(grid) != 3 or min(grid) < 0:
+            raise ValueError(f"attention grids must be triples of non-negative ints, got {grid}")
+        if any(g > r for g, r in zip(grid, ranges, strict=True)) or (
+            checked and any(a > b for a, b in zip(checked[-1], grid, strict=True))
+        ):
+            raise ValueError(f"attention grids must grow towards ranges {ranges}: got {grid} after {checked}")
+        if grid != ranges and grid not in checked:
+            checked.append(grid)
+    return checked
+
+
+def grid_levels(box, mask, grids):
+    """[B] int32: the index of the first of `grids` (nested triples) that holds every box of each crystal, or
+    len(grids) if none does; box [B, N, H, 3] int half-widths, mask [B, N] bool (padding atoms do not count)."""
+    needed = jnp.max(jnp.where(mask[:, :, None, None], box, 0), axis=(1, 2))  # [B, 3]
+    return sum(jnp.any(needed > jnp.asarray(grid), axis=-1).astype(jnp.int32) for grid in grids)
+
+
 def _pad_axis(x, axis: int, size: int, value=0):
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, size - x.shape[axis])
@@ -332,6 +356,7 @@ def periodic_attention(
     exact_basis_gradient: bool = True,
     chunk_size=None,
     window=None,
+    grids=(),
 ):
     """Infinitely connected attention of every atom, aggregated before any projection.
 
@@ -348,14 +373,19 @@ def periodic_attention(
       window: None, or static (W_1, W_2, W_3): evaluate the distance basis only on a window of W_d translations
         per axis around each pair (`_make_block`); blocks whose cells are too small for it (`window_covers`) fall
         back to the whole box, so results never depend on it beyond e⁻⁴⁰. Size it with `window_size`.
+      grids: static smaller grids ((R_1, R_2, R_3), ...), each within the next and within `ranges`; only with
+        `box`. A block whose crystals' boxes all fit a smaller grid runs on that grid's translations (the first
+        that fits, `grid_levels`) instead of the whole `ranges` grid: the same sums, as the translations left out
+        lie outside every box. Crystals are sorted by the grid they fit, so that blocks share one.
 
     Returns:
       agg_v [B, N, H, D] and agg_basis [B, N, H, K]; rows of padding atoms are finite but meaningless.
     """
     num_crystals, num_atoms, num_heads, head_dim = q.shape
-    shifts = translation_grid(ranges)
+    ranges = tuple(int(r) for r in ranges)
+    grids = _check_grids(grids, ranges) if box is not None else []
     crystals_per_block, queries_per_block = block_plan(
-        num_crystals, num_atoms, len(shifts), len(centers), q.dtype.itemsize, chunk_size
+        num_crystals, num_atoms, int(np.prod([2 * r + 1 for r in ranges])), len(centers), q.dtype.itemsize, chunk_size
     )
     num_crystal_blocks = math.ceil(num_crystals / crystals_per_block)
     num_query_blocks = math.ceil(num_atoms / queries_per_block)
@@ -366,6 +396,16 @@ def periodic_attention(
         use_box = False
     else:
         use_box = True
+
+    levels = jnp.zeros(num_crystals, jnp.int32)
+    order = None
+    if grids:
+        levels = grid_levels(box, mask, grids)
+        if crystals_per_block > 1:  # blocks of crystals that fit the same grid
+            order = jnp.argsort(levels, stable=True)
+            q, k, v, gamma, lattice, frac, mask, box, levels = (
+                jnp.take(x, order, axis=0) for x in (q, k, v, gamma, lattice, frac, mask, box, levels)
+            )
 
     def crystal_blocks(x, fill=0):
         x = _pad_axis(x, 0, padded_b, fill)
@@ -386,31 +426,48 @@ def periodic_attention(
     )
     queries = tuple(query_blocks(x) for x in (frac, q, gamma, box))
     queries = tuple(jnp.moveaxis(x, 1, 0) for x in queries)  # [crystal blocks, query blocks, C, Q, ...]
+    block_levels = jnp.max(crystal_blocks(levels), axis=1)  # [crystal blocks]
 
-    whole_box = jax.vmap(_make_block(shifts, centers, width, exact_basis_gradient, use_box))
-    if window is not None:
-        window = tuple(min(int(w), 2 * r + 1) for w, r in zip(window, ranges, strict=True))
-        partial_axes = [w < 2 * r + 1 for w, r in zip(window, ranges, strict=True)]
-        if not any(partial_axes):
-            window = None
-    if window is not None:
-        windowed = jax.vmap(_make_block(shifts, centers, width, exact_basis_gradient, use_box, window))
-        checked = [w if partial else np.inf for w, partial in zip(window, partial_axes, strict=True)]
+    def grid_branch(grid):
+        """Runs a crystal block's query blocks on the translations of `grid` (window, if any, within it)."""
+        shifts = translation_grid(grid)
+        whole_box = jax.vmap(_make_block(shifts, centers, width, exact_basis_gradient, use_box))
+        grid_window = None
+        if window is not None:
+            grid_window = tuple(min(int(w), 2 * r + 1) for w, r in zip(window, grid, strict=True))
+            partial_axes = [w < 2 * r + 1 for w, r in zip(grid_window, grid, strict=True)]
+            if not any(partial_axes):
+                grid_window = None
+        if grid_window is None:
+            return lambda crystal_keys, query_rows: jax.lax.map(
+                lambda rows: whole_box(*crystal_keys, *rows), query_rows
+            )
+        windowed = jax.vmap(_make_block(shifts, centers, width, exact_basis_gradient, use_box, grid_window))
+        checked = [w if partial else np.inf for w, partial in zip(grid_window, partial_axes, strict=True)]
         cutoff = basis_cutoff(centers, width)
 
-    def crystal_block(args):
-        crystal_keys, query_rows = args
-        if window is None:
-            return jax.lax.map(lambda rows: whole_box(*crystal_keys, *rows), query_rows)
-        lattice_c, _, mask_c = crystal_keys[:3]
-        covered = jnp.all(window_covers(lattice_c, checked, cutoff) | ~jnp.any(mask_c, axis=-1))
-        return jax.lax.map(lambda rows: jax.lax.cond(covered, windowed, whole_box, *crystal_keys, *rows), query_rows)
+        def run(crystal_keys, query_rows):
+            lattice_c, _, mask_c = crystal_keys[:3]
+            covered = jnp.all(window_covers(lattice_c, checked, cutoff) | ~jnp.any(mask_c, axis=-1))
+            return jax.lax.map(
+                lambda rows: jax.lax.cond(covered, windowed, whole_box, *crystal_keys, *rows), query_rows
+            )
 
-    agg_v, agg_basis = jax.lax.map(crystal_block, (keys, queries))
+        return run
+
+    branches = [grid_branch(grid) for grid in grids + [ranges]]
+
+    def crystal_block(args):
+        level, crystal_keys, query_rows = args
+        if len(branches) == 1:
+            return branches[0](crystal_keys, query_rows)
+        return jax.lax.switch(level, branches, crystal_keys, query_rows)
+
+    agg_v, agg_basis = jax.lax.map(crystal_block, (block_levels, keys, queries))
 
     def unblock(x):  # [crystal blocks, query blocks, C, Q, ...] -> [B, N, ...]
         x = jnp.moveaxis(x, 1, 2)
-        x = x.reshape((padded_b, padded_n) + x.shape[4:])
-        return x[:num_crystals, :num_atoms]
+        x = x.reshape((padded_b, padded_n) + x.shape[4:])[:num_crystals, :num_atoms]
+        return x if order is None else jnp.take(x, jnp.argsort(order), axis=0)
 
     return unblock(agg_v), unblock(agg_basis)

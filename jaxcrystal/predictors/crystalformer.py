@@ -18,6 +18,10 @@ Options:
     `required_window(start_lattices, config)`, or `cheapest_window` (jaxcrystal.models.crystalformer) for cells of
     mixed sizes; attention blocks with smaller cells fall back to the whole box. None: the whole box always.
     Results agree with the whole box to rounding (the terms left out are < e⁻⁴⁰).
+  smaller_grids: True (default): with adaptive truncation, attention blocks whose crystals' boxes all fit a grid
+    smaller than `max_range` ((2, 2, 2), (3, 3, 3), ...) run on it; crystals are sorted into blocks by the grid
+    they fit. Same results (the translations left out lie outside every box); it pays when `max_range` is sized
+    for the smallest cell a run may reach and most cells are larger. False: always the whole `max_range` grid.
 """
 
 import json
@@ -84,6 +88,7 @@ def load(
     chunk_size: int | None = None,
     max_range=None,
     basis_window="auto",
+    smaller_grids: bool = True,
     **options,
 ) -> Predictor:
     """A Crystalformer predictor (see the module docstring for the options).
@@ -108,7 +113,7 @@ def load(
     arch = CrystalformerConfig.from_dict(metadata["config"])
     check_variables(params, _expected_params(arch), str(path))
     params = jax.tree.map(jnp.asarray, params)
-    apply = make_apply(arch, truncation, gradient, chunk_size, static_range, basis_window)
+    apply = make_apply(arch, truncation, gradient, chunk_size, static_range, basis_window, bool(smaller_grids))
     return Predictor(
         kind="crystalformer",
         name=metadata["name"],
@@ -124,6 +129,7 @@ def load(
             "chunk_size": chunk_size,
             "max_range": static_range,
             "basis_window": basis_window,
+            "smaller_grids": bool(smaller_grids),
         },
     )
 
@@ -135,6 +141,7 @@ def make_apply(
     chunk_size=None,
     max_range=None,
     basis_window="auto",
+    smaller_grids: bool = True,
 ):
     """The pure function `(params, lattice [B,3,3] Å rows, frac [B,N,3], species [B,N,98], mask [B,N]) -> [B]`.
 
@@ -150,6 +157,7 @@ def make_apply(
             max_range=ranges,
             chunk_size=chunk_size,
             basis_window=window,
+            smaller_grids=smaller_grids,
         )
         return model.apply({"params": params}, lattice, frac, species, mask)
 
