@@ -12,7 +12,7 @@ the process peak RSS (monotone over the run: run one case per process for a clea
 
 FLOPs: XLA's cost analysis counts a loop body once, and the attention runs as a loop over query blocks; so the
 FLOPs are those of one crystal compiled as a single block, times B (the work is linear in B). With a basis window
-(`--basis-window`, default: sized for the case's cells) they are the windowed branch's (`common.window_branch`).
+(`--basis-window`, default: sized for the case's cells) they are the windowed branch's (`common.attention_branch`).
 Without `--ckpt` the weights are random (default.json architecture; the cost does not depend on the values).
 """
 
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
             if mode not in args.modes:
                 continue
             compiled, compile_s, _, temp = common.compile_fn(fn, *batch[:3])
-            with common.window_branch(True):  # the window is sized for these cells: count the branch that runs
+            with common.attention_branch(0):  # the window is sized for these cells: count the branch that runs
                 flops = common.compile_fn(functions(one_block, params, one[3])[mode], *one[:3])[2] * num_crystals
             rate = common.matmul_rate()
             timing = common.steady(compiled, batch[:3], args.repeats)

@@ -76,8 +76,7 @@ def compiled_loop(structure: str, candidates: int, setup: dict, segment: int, mo
     """The loop `jaxcrystal.optimize` builds, compiled for `candidates` candidates of `structure`.
 
     Returns (compiled advance of `segment` steps, model parameters, initial loop state, (init compile s, advance
-    compile s), neighbour-search image box, atoms per candidate N, Crystalformer basis window or None, [B] bool:
-    the start cells it covers, [B, levels] Crystalformer attention grid shares, see `grid_shares`). The image box
+    compile s), neighbour-search image box, atoms per candidate N, and `attention_shares`). The image box
     depends only on the structure family (perovskite cells never shrink below 2 Å per cell), so a one-candidate
     loop has the same shapes per candidate as the full batch.
     """
@@ -103,57 +102,45 @@ def compiled_loop(structure: str, candidates: int, setup: dict, segment: int, mo
     start = time.perf_counter()
     advance = lowered.compile()
     advance_s = time.perf_counter() - start
-    window, covered = basis_window(engine, pz.decode_lattice(variables, problem, engine.loop.geometry))
     tau = temperature(engine.loop.num_steps, *engine.loop.temperature)[0]  # the first step's
-    shares = grid_shares(engine, pz.decode(variables, problem, engine.loop.geometry, tau)[0])
+    window, shares = attention_shares(engine, pz.decode(variables, problem, engine.loop.geometry, tau)[0])
     atoms = int(problem.atom_mask.shape[1])
-    return advance, params, state, (init_s, advance_s), engine.box, atoms, window, covered, shares
+    return advance, params, state, (init_s, advance_s), engine.box, atoms, window, shares
 
 
-def grid_shares(engine, crystal) -> np.ndarray:
-    """[B, levels]: per start candidate, the share of the Crystalformer attention calls (models x
-    layers) that run on each grid of `periodic_attention` (0: the smallest; see `intermediate_grids`): a block of
-    crystals runs on the largest grid one of them needs. [B, 1] of ones without smaller grids."""
+def attention_shares(engine, crystal) -> tuple:
+    """(Crystalformer basis window or None, [B, branches]): per start candidate, the share of its Crystalformer
+    attention calls (models x layers) that run each of `attention_branches` in `periodic_attention` (grid and
+    basis window, see `crystal_branches`); ones in a single column without Crystalformer models."""
     from jaxcrystal.models.crystalformer import Crystalformer, intermediate_grids
-    from jaxcrystal.models.periodic_attention import block_plan, grid_levels
+    from jaxcrystal.models.periodic_attention import attention_branches, block_plan, crystal_branches
 
-    counts = []
+    window, counts = None, []
     for model in engine.models.values():
         meta = model.predictor.metadata
-        if model.predictor.kind != "crystalformer" or meta["truncation"] != "adaptive" or not meta["smaller_grids"]:
+        if model.predictor.kind != "crystalformer":
             continue
-        arch, grid = meta["config"], meta["max_range"]
-        grids = intermediate_grids(grid, arch.lattice_range)
-        module = Crystalformer(arch, "adaptive", meta["gradient"], grid, chunk_size=meta["chunk_size"])
+        arch, adaptive = meta["config"], meta["truncation"] == "adaptive"
+        grid = meta["max_range"] if adaptive else (arch.lattice_range,) * 3
+        grids = intermediate_grids(grid, arch.lattice_range) if adaptive and meta["smaller_grids"] else ()
+        window = None if meta["basis_window"] == "auto" else meta["basis_window"]  # "auto" is the box under jit
+        module = Crystalformer(arch, meta["truncation"], meta["gradient"], grid, meta["chunk_size"], window)
         _, state = module.apply({"params": model.predictor.params}, *crystal, mutable=["intermediates"])
         num_crystals, num_atoms = crystal[3].shape
         shifts = int(np.prod([2 * r + 1 for r in grid]))
         per_block = block_plan(num_crystals, num_atoms, shifts, arch.value_pe_dist_real, 4, meta["chunk_size"])[0]
+        num_branches = len(attention_branches(grid, grids, window)[0])
         for layer in range(arch.num_layers):
-            levels = np.array(grid_levels(state["intermediates"][f"box_layer{layer}"][0], crystal[3], grids))
-            order = np.argsort(levels, kind="stable")  # as periodic_attention sorts them
-            padded = np.pad(levels[order], (0, -num_crystals % per_block)).reshape(-1, per_block)
-            levels[order] = np.repeat(padded.max(axis=1), per_block)[:num_crystals]  # a block's largest grid
-            counts.append(np.eye(len(grids) + 1)[levels])
+            centers, width = arch.basis(layer)
+            box = state["intermediates"][f"box_layer{layer}"][0] if adaptive else None
+            taken = crystal_branches(
+                crystal[0], crystal[3], box, ranges=grid, centers=centers, width=width, window=window, grids=grids,
+                per_block=per_block,
+            )  # fmt: skip
+            counts.append(np.eye(num_branches)[taken])
     if not counts:
-        return np.ones((crystal[0].shape[0], 1))
-    width = max(c.shape[1] for c in counts)
-    return np.mean([np.pad(c, ((0, 0), (0, width - c.shape[1]))) for c in counts], axis=0)
-
-
-def basis_window(engine, lattice):
-    """(window, [B] bool covered) of the run's Crystalformer basis window for these cells, or (None, None)."""
-    from jaxcrystal.models.periodic_attention import window_covers
-
-    for model in engine.models.values():
-        meta = model.predictor.metadata
-        if model.predictor.kind != "crystalformer" or meta.get("basis_window") in (None, "auto"):
-            continue
-        arch, window, grid = meta["config"], meta["basis_window"], meta["max_range"]
-        checked = [w if w < 2 * r + 1 else np.inf for w, r in zip(window, grid, strict=True)]
-        if not np.isinf(checked).all():
-            return window, np.asarray(window_covers(lattice, checked, arch.basis_cutoff()))
-    return None, None
+        return None, np.ones((crystal[0].shape[0], 1))
+    return window, np.mean(counts, axis=0)
 
 
 def measure_loop(structure: str, setup: dict, args, rate: float) -> dict:
@@ -162,11 +149,11 @@ def measure_loop(structure: str, setup: dict, args, rate: float) -> dict:
     FLOPs: XLA's cost analysis counts a loop body once, and the step contains loops over attention blocks,
     ALIGNN chunks and neighbour-search chunks. So the FLOPs of one step are counted on a one-candidate loop
     compiled without any inner loop (`SINGLE_BLOCK` options) and multiplied by the number of candidates. For
-    Crystalformer, whose attention picks a branch per block, each branch that runs is counted on its own
-    (`common.window_branch`: windowed or whole-box basis; `common.grid_level`: the grid) and weighted by the
-    start candidates that take it (`basis_window`, `grid_shares`).
+    Crystalformer, whose attention picks a branch (grid, basis window) per block, each branch that runs is counted
+    on its own (`common.attention_branch`) and weighted by the start candidates' attention calls that take it
+    (`attention_shares`).
     """
-    advance, params, state, (init_s, advance_s), box, atoms, window, covered, shares = compiled_loop(
+    advance, params, state, (init_s, advance_s), box, atoms, window, shares = compiled_loop(
         structure, args.candidates, setup, args.segment
     )
     row = {"box": "x".join(str(m) for m in box), "atoms": atoms}
@@ -181,19 +168,14 @@ def measure_loop(structure: str, setup: dict, args, rate: float) -> dict:
     row["step_s"] = float(np.median(times))
     row["step_min_s"] = float(np.min(times))
     single = SINGLE_BLOCK[setup["model"]](atoms)
-    covered = np.ones(args.candidates, bool) if window is None else covered
-    if window is not None:
-        row["window_covered"] = int(covered.sum())
-        single["basis_window"] = window
-    if shares.shape[1] > 1:
-        row["grid_shares"] = shares.mean(axis=0).round(3).tolist()
+    if setup["model"] == "crystalformer":
+        single["basis_window"] = window  # the full run's, not one sized for the single candidate
+        row["attention_branch_shares"] = shares.mean(axis=0).round(3).tolist()
     flops = 0.0
-    for taken in (True, False):
-        for level in range(shares.shape[1]):
-            weight = shares[covered == taken, level].sum()
-            if weight > 0:
-                with common.window_branch(taken), common.grid_level(level):
-                    flops += common.xla_flops(compiled_loop(structure, 1, setup, 1, single)[0]) * weight
+    for branch, weight in enumerate(shares.sum(axis=0)):
+        if weight > 0:
+            with common.attention_branch(branch):
+                flops += common.xla_flops(compiled_loop(structure, 1, setup, 1, single)[0]) * weight
     row["step_gflop"] = flops / 1e9
     row["step_util"] = common.utilization(flops, row["step_min_s"], rate)
     return row

@@ -177,38 +177,22 @@ def xla_temp_bytes(compiled) -> float:
 
 
 @contextlib.contextmanager
-def window_branch(taken: bool):
-    """While active, programs compiled with a Crystalformer basis window keep only one branch of its `lax.cond`.
-
-    `periodic_attention` evaluates the windowed basis under `lax.cond`, with the whole box as the fallback for
-    cells too small for the window, and XLA's cost analysis counts the larger branch. To count the FLOPs of what
-    runs, the coverage test is replaced by the constant `taken` (True: the window, False: the whole box) and XLA
-    drops the other branch. Use it for FLOP counting only.
+def attention_branch(index: int):
+    """While active, Crystalformer attention runs every block on branch `index` of its `attention_branches`
+    (clipped to the last, the whole grid), so that XLA drops the other branches of its `lax.switch` (its cost
+    analysis would count the largest). Use it for FLOP counting only.
     """
     from jaxcrystal.models import periodic_attention
 
-    original = periodic_attention.window_covers
-    periodic_attention.window_covers = lambda lattice, window, cutoff: jnp.full(lattice.shape[:-2], taken)
+    def forced(branches, lattice, mask, box, cutoff):
+        return jnp.zeros((lattice.shape[0], len(branches)), bool).at[:, min(index, len(branches) - 1)].set(True)
+
+    original = periodic_attention.branch_fits
+    periodic_attention.branch_fits = forced
     try:
         yield
     finally:
-        periodic_attention.window_covers = original
-
-
-@contextlib.contextmanager
-def grid_level(level: int):
-    """While active, Crystalformer attention runs every crystal block on one grid: `level` indexes its `grids`
-    (0: the smallest; clipped to the whole grid), so that XLA drops the other branches of its `lax.switch` (its
-    cost analysis would count the largest). Use it for FLOP counting only.
-    """
-    from jaxcrystal.models import periodic_attention
-
-    original = periodic_attention.grid_levels
-    periodic_attention.grid_levels = lambda box, mask, grids: jnp.full(box.shape[:1], min(level, len(grids)), jnp.int32)
-    try:
-        yield
-    finally:
-        periodic_attention.grid_levels = original
+        periodic_attention.branch_fits = original
 
 
 def matmul_rate(size: int = 1024, repeats: int = 10) -> float:

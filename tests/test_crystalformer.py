@@ -26,7 +26,7 @@ from jaxcrystal.models.crystalformer import (
     required_range,
     required_window,
 )
-from jaxcrystal.models.periodic_attention import grid_levels
+from jaxcrystal.models.periodic_attention import crystal_branches
 from jaxcrystal.predictors.crystalformer import make_apply
 
 CKPTS = {"bandgap": "default.json", "eform": "default.json", "layers7": "layers7.json"}
@@ -439,6 +439,9 @@ def test_cheapest_window_weighs_fallback_blocks():
     assert cheapest_window(cells, TOY, (2, 2, 2), num_atoms=135) == (4, 4, 4)
     assert cheapest_window(cells, TOY, (2, 2, 2), num_atoms=5) == (5, 5, 5)
     assert cheapest_window(cells[:3], TOY, (2, 2, 2), num_atoms=5) == (4, 4, 4)
+    # One short axis (any of them): the (5, 4, 4) variant on sorted axes, 80 translations instead of 125.
+    short = np.stack([np.diag([12.0, 6.0, 12.0]), np.diag([6.0, 12.0, 12.0])])
+    assert cheapest_window(short, TOY, (2, 2, 2), num_atoms=135) == (4, 4, 4)
 
 
 def test_smaller_grids_give_the_whole_grid_result(x64):
@@ -453,8 +456,11 @@ def test_smaller_grids_give_the_whole_grid_result(x64):
     assert max_range == (5, 4, 4) and grids == ((2, 2, 2), (3, 3, 3), (4, 4, 4))
     model = Crystalformer(TOY, truncation="adaptive", max_range=max_range)
     _, state = model.apply({"params": toy_params()}, *batch, mutable=["intermediates"])
-    levels = grid_levels(state["intermediates"]["box_layer1"][0], jnp.asarray(batch[3]), grids)
-    assert levels.tolist() == [0, 2, 0, 1, 0, 2]
+    box, (centers, width) = state["intermediates"]["box_layer1"][0], TOY.basis(1)
+    taken = crystal_branches(
+        batch[0], batch[3], box, ranges=max_range, centers=centers, width=width, grids=grids, per_block=1
+    )
+    assert taken.tolist() == [0, 2, 0, 1, 0, 2]  # the grid of each crystal (no basis window here)
 
     def run(smaller_grids):
         apply = functools.partial(

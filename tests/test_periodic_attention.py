@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 
 from jaxcrystal.models.periodic_attention import (
+    Branch,
     _make_block,
+    attention_branches,
     basis_cutoff,
     block_plan,
-    grid_levels,
+    crystal_branches,
     periodic_attention,
     translation_grid,
     window_covers,
@@ -27,8 +29,8 @@ CENTERS = np.arange(1, 9) * 0.8
 WIDTH = 0.8
 
 
-def reference(q, k, v, gamma, lattice, frac, mask, box, exact, centers=CENTERS, width=WIDTH):
-    shifts = jnp.asarray(translation_grid(RANGES), q.dtype)
+def reference(q, k, v, gamma, lattice, frac, mask, box, exact, centers=CENTERS, width=WIDTH, ranges=RANGES):
+    shifts = jnp.asarray(translation_grid(ranges), q.dtype)
     image = frac[:, None, :, None, :] - frac[:, :, None, None, :] + shifts  # [B, Nq, Nk, M, 3]
     r = jnp.einsum("bqnmc,bcd->bqnmd", image, lattice)
     d2 = jnp.sum(r**2, -1)
@@ -186,7 +188,9 @@ def test_smaller_grids_equal_the_whole_grid(chunk_size, x64):
     floats, mask, box = inputs()
     box = box.at[0].set(jnp.minimum(box[0], jnp.asarray([1, 0, 1], jnp.int32))).at[2].set(jnp.minimum(box[2], 1))
     grids = ((1, 0, 1), (1, 1, 1))
-    assert grid_levels(box, mask, grids).tolist() == [0, 2, 1]
+    lattice = floats[4]
+    taken = crystal_branches(lattice, mask, box, ranges=RANGES, centers=CENTERS, width=WIDTH, grids=grids, per_block=1)
+    assert taken.tolist() == [0, 2, 1]
     loss = probe_loss(mask, len(CENTERS))
 
     def ours(q, k, v, gamma, lattice, frac):
@@ -201,3 +205,29 @@ def test_smaller_grids_equal_the_whole_grid(chunk_size, x64):
     assert_same_value_and_gradients(loss, ours, theirs, floats)
     with pytest.raises(ValueError, match="grow towards"):
         periodic_attention(*floats[:6], mask, ranges=RANGES, box=box, centers=CENTERS, width=WIDTH, grids=grids[::-1])
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_window_variants_for_short_axes(chunk_size, x64):
+    """Isotropic grid and window: cells with zero, one and two short axes (2.6 Å, not the leading axes) take the
+    windows (3, 3, 3), (5, 3, 3) and (5, 5, 3) on their axes sorted by need; equal to the reference, also with all
+    three crystals in one block (which then takes the widest)."""
+    ranges = (2, 2, 2)
+    floats, mask, box = inputs(scales=(4.0, 4.0, 4.0), rattle=0.05)
+    axis_scale = np.array([[1, 1, 1], [1, 0.65, 1], [0.65, 1, 0.65]])
+    floats = floats[:4] + (floats[4] * axis_scale[:, :, None], floats[5])
+    assert attention_branches(ranges, window=WINDOW) == (
+        [Branch(ranges, (3, 3, 3)), Branch(ranges, (5, 3, 3)), Branch(ranges, (5, 5, 3)), Branch(ranges, None)],
+        True,
+    )
+    args = dict(ranges=ranges, centers=WINDOW_CENTERS, width=WINDOW_WIDTH, window=WINDOW)
+    assert crystal_branches(floats[4], mask, box, **args, per_block=1).tolist() == [0, 1, 2]
+    loss = probe_loss(mask, len(WINDOW_CENTERS))
+
+    def ours(q, k, v, gamma, lattice, frac):
+        return periodic_attention(q, k, v, gamma, lattice, frac, mask, box=box, chunk_size=chunk_size, **args)
+
+    def theirs(q, k, v, gamma, lattice, frac):
+        return reference(q, k, v, gamma, lattice, frac, mask, box, True, WINDOW_CENTERS, WINDOW_WIDTH, ranges)
+
+    assert_same_value_and_gradients(loss, ours, theirs, floats)

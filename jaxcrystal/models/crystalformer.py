@@ -43,6 +43,7 @@ from jaxcrystal.elements import NUM_ELEMENTS
 from jaxcrystal.errors import ConfigError
 from jaxcrystal.models.periodic_attention import (
     HIGHEST,
+    attention_branches,
     basis_cutoff,
     block_plan,
     inverse_plane_spacings,
@@ -231,31 +232,58 @@ def required_window(lattice, config: CrystalformerConfig) -> tuple:
     return tuple(int(w) for w in window_size(lattice, config.basis_cutoff()))
 
 
-def cheapest_window(lattice, config: CrystalformerConfig, grid, num_atoms: int, chunk_size=None) -> tuple:
+MIN_WINDOW_GAIN = 0.2  # `cheapest_window` picks no window unless it saves this share of the basis work
+
+
+def cheapest_window(
+    lattice, config: CrystalformerConfig, grid, num_atoms: int, chunk_size=None, smaller_grids: bool = False
+) -> tuple:
     """Host-side basis window (W, W, W) with the least basis work for a batch of cells of different sizes.
 
-    An attention block whose crystals the window covers costs Π_d min(W, 2 R_d + 1) translations per atom pair, a
-    block with any crystal it does not cover falls back to the whole grid, Π_d (2 R_d + 1) (see
-    `periodic_attention`; blocks hold consecutive crystals, `block_plan`); the W with the least total wins (the
-    larger on ties). E.g. SMOACS's random 3x3x3 perovskites (axes of 6-30 Å, one crystal per block): W = 6 covers
-    all of them but is the whole 5³ grid, W = 3 covers about half of them with 27 translations.
+    Each attention block runs the first of `attention_branches` that evaluates all of its crystals exactly
+    (`periodic_attention`; blocks hold crystals sorted by branch, `block_plan`): on the smallest grid that holds
+    their boxes (with `smaller_grids`: `intermediate_grids`, each cell's box taken as its `required_range`, the
+    widest any weights can give), the window, or the window with one or two whole axes (F) for cells with short
+    axes (isotropic grids), else the whole grid. A branch costs Π_d W_d translations per atom pair (the grid's for
+    the whole grid); the W with the least total wins (the larger on ties), unless it saves less than
+    `MIN_WINDOW_GAIN` of the whole grid's work: then no window (each window adds compiled branches). E.g.
+    SMOACS's random 3x3x3 perovskites (axes of 6-30 Å, one crystal per block, grid (2, 2, 2)): W = 2, with
+    (5, 2, 2) and (5, 5, 2) for cells with one or two axes below 16 Å; the 1x1x1 ones: no window.
 
     Args:
       lattice: [B, 3, 3] rows, Å (concrete). grid: the static box bound (R_1, R_2, R_3) of the calls.
       num_atoms, chunk_size: atoms per crystal and the attention's `chunk_size`, which set the blocks.
+      smaller_grids: whether the calls use `intermediate_grids` (adaptive truncation, the predictor's default).
     """
+    grid = tuple(int(r) for r in grid)
+    lattice = np.asarray(lattice).reshape(-1, 3, 3)
     needed = window_sizes(lattice, config.basis_cutoff())  # [B, 3]
-    full = 2 * np.asarray(grid) + 1
+    boxes = np.array([required_range(cell, config) for cell in lattice])  # [B, 3]
+    grids = intermediate_grids(grid, config.lattice_range) if smaller_grids else ()
+    full = tuple(2 * r + 1 for r in grid)
     per_block = block_plan(len(needed), num_atoms, int(np.prod(full)), config.value_pe_dist_real, 4, chunk_size)[0]
-    starts = np.arange(0, len(needed), per_block)
     best_cost, best = None, None
-    for w in range(1, int(full.max()) + 1):
-        clipped = np.minimum(w, full)
-        covered = np.all((needed <= clipped) | (clipped == full), axis=1)
-        covered = np.repeat(np.logical_and.reduceat(covered, starts), per_block)[: len(needed)]  # whole blocks
-        cost = np.where(covered, np.prod(clipped), np.prod(full)).sum()
+    for w in range(1, max(full) + 1):
+        branches, sort_axes = attention_branches(grid, grids, window=(w,) * 3)
+        cell_needs = -np.sort(-needed, axis=1) if sort_axes else needed
+        fits = []
+        for branch_grid, window in branches:
+            fit = np.all(boxes <= np.asarray(branch_grid), axis=1)
+            if window is not None:
+                whole_axes = np.asarray(window) == 2 * np.asarray(branch_grid) + 1
+                fit &= np.all((cell_needs <= np.asarray(window)) | whole_axes, axis=1)
+            fits.append(fit)
+        fits = np.stack(fits, axis=1)
+        fits[:, -1] = True
+        order = np.argsort(np.argmax(fits, axis=1), kind="stable") if per_block > 1 else np.arange(len(fits))
+        sorted_fits = np.pad(fits[order], ((0, -len(fits) % per_block), (0, 0)), constant_values=True)
+        taken = np.argmax(sorted_fits.reshape(-1, per_block, len(branches)).all(axis=1), axis=1)
+        costs = np.array([np.prod(window or [2 * r + 1 for r in branch_grid]) for branch_grid, window in branches])
+        cost = costs[taken].sum() * per_block
         if best_cost is None or cost <= best_cost:
             best_cost, best = cost, w
+    if best_cost > (1 - MIN_WINDOW_GAIN) * cost:  # cost: that of the whole grid (the last w)
+        best = max(full)
     return (best,) * 3
 
 

@@ -26,6 +26,7 @@ crystals whose boxes all fit a smaller grid than `ranges` run on that grid (`gri
 """
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -327,11 +328,86 @@ def _check_grids(grids, ranges) -> list:
     return checked
 
 
-def grid_levels(box, mask, grids):
-    """[B] int32: the index of the first of `grids` (nested triples) that holds every box of each crystal, or
-    len(grids) if none does; box [B, N, H, 3] int half-widths, mask [B, N] bool (padding atoms do not count)."""
-    needed = jnp.max(jnp.where(mask[:, :, None, None], box, 0), axis=(1, 2))  # [B, 3]
-    return sum(jnp.any(needed > jnp.asarray(grid), axis=-1).astype(jnp.int32) for grid in grids)
+class Branch(NamedTuple):
+    """One way to evaluate a block: the translation grid (R_1, R_2, R_3) and the basis window (W_1, W_2, W_3), or
+    None for the whole grid."""
+
+    grid: tuple
+    window: tuple | None
+
+
+def attention_branches(ranges, grids=(), window=None) -> tuple[list[Branch], bool]:
+    """The static branches of `periodic_attention`, in the order they are tried, and whether cells are given
+    sorted axes.
+
+    For each grid (the smaller `grids` first, `ranges` last): the basis windows, then the whole grid. With an
+    isotropic grid and window (W, W, W) the axes of every cell are put in decreasing order of the window they need
+    (an exact relabelling), so that the windows (W, W, W), (F, W, W), (F, F, W) (F: the whole axis) serve cells
+    with zero, one or two short axes; otherwise the window is the one given.
+    """
+    ranges = tuple(int(r) for r in ranges)
+    window = None if window is None else tuple(int(w) for w in window)
+    sort_axes = window is not None and len(set(ranges)) == 1 and len(set(window)) == 1
+    branches = []
+    for grid in [*grids, ranges]:
+        full = tuple(2 * r + 1 for r in grid)
+        if window is not None:
+            clipped = tuple(min(w, f) for w, f in zip(window, full, strict=True))
+            variants = [full[:k] + clipped[k:] for k in range(3)] if sort_axes else [clipped]
+            for variant in variants:
+                if variant != full and Branch(grid, variant) not in branches:
+                    branches.append(Branch(grid, variant))
+        branches.append(Branch(grid, None))
+    return branches, sort_axes
+
+
+def axes_by_need(lattice, cutoff: float):
+    """[B, 3] int: each cell's axes in decreasing order of the basis window they need (`window_covers`)."""
+    needed = jnp.floor(2 * cutoff * inverse_plane_spacings(jax.lax.stop_gradient(lattice)) * (1 + 1e-4))
+    return jnp.argsort(-needed, axis=-1, stable=True)
+
+
+def branch_fits(branches, lattice, mask, box, cutoff: float):
+    """[B, branches] bool: which branches can evaluate each crystal exactly. A grid must hold every box of the
+    crystal's real atoms (box [B, N, H, 3] int, or None: only the full grid exists), a window must hold every image
+    within the basis `cutoff` (`window_covers`); the last branch (the whole `ranges` grid) fits all."""
+    needed = None if box is None else jnp.max(jnp.where(mask[:, :, None, None], box, 0), axis=(1, 2))  # [B, 3]
+    fits = []
+    for grid, window in branches:
+        fit = jnp.ones(lattice.shape[0], bool)
+        if needed is not None:
+            fit = fit & jnp.all(needed <= jnp.asarray(grid), axis=-1)
+        if window is not None:
+            checked = [w if w < 2 * r + 1 else np.inf for w, r in zip(window, grid, strict=True)]
+            fit = fit & window_covers(lattice, checked, cutoff)
+        fits.append(fit)
+    return jnp.stack(fits, axis=-1).at[:, -1].set(True)
+
+
+def first_fit(fits):
+    """[...] int32: the first branch that fits, from [..., branches] bool (`branch_fits`)."""
+    return jnp.argmax(fits, axis=-1).astype(jnp.int32)
+
+
+def crystal_branches(lattice, mask, box, *, ranges, centers, width: float, window=None, grids=(), per_block: int):
+    """[B] int: the branch of `attention_branches(ranges, grids, window)` each crystal runs in `periodic_attention`
+    with `per_block` crystals per block (`block_plan`): crystals sorted by their first fitting branch, then each
+    block takes the first branch that fits all of its crystals. For cost accounting (benchmarks)."""
+    ranges = tuple(int(r) for r in ranges)
+    grids = _check_grids(grids, ranges) if box is not None else []
+    branches, sort_axes = attention_branches(ranges, grids, window)
+    cutoff = basis_cutoff(centers, width)
+    if sort_axes:
+        axes = axes_by_need(lattice, cutoff)
+        lattice = jnp.take_along_axis(lattice, axes[:, :, None], axis=1)
+        box = None if box is None else jnp.take_along_axis(box, axes[:, None, None, :], axis=3)
+    fits = np.asarray(branch_fits(branches, lattice, mask, box, cutoff))
+    order = np.argsort(np.asarray(first_fit(fits)), kind="stable") if per_block > 1 else np.arange(len(fits))
+    sorted_fits = np.pad(fits[order], ((0, -len(fits) % per_block), (0, 0)), constant_values=True)
+    block_fits = sorted_fits.reshape(-1, per_block, len(branches)).all(axis=1)
+    taken = np.empty(len(fits), int)
+    taken[order] = np.repeat(np.argmax(block_fits, axis=-1), per_block)[: len(fits)]
+    return taken
 
 
 def _pad_axis(x, axis: int, size: int, value=0):
@@ -371,12 +447,15 @@ def periodic_attention(
       exact_basis_gradient: False reproduces upstream's gradient, which omits dφ/dd.
       chunk_size: (crystal, atom) query rows per block; None = automatic (see `block_plan`).
       window: None, or static (W_1, W_2, W_3): evaluate the distance basis only on a window of W_d translations
-        per axis around each pair (`_make_block`); blocks whose cells are too small for it (`window_covers`) fall
-        back to the whole box, so results never depend on it beyond e⁻⁴⁰. Size it with `window_size`.
+        per axis around each pair (`_make_block`); size it with `window_size`.
       grids: static smaller grids ((R_1, R_2, R_3), ...), each within the next and within `ranges`; only with
-        `box`. A block whose crystals' boxes all fit a smaller grid runs on that grid's translations (the first
-        that fits, `grid_levels`) instead of the whole `ranges` grid: the same sums, as the translations left out
-        lie outside every box. Crystals are sorted by the grid they fit, so that blocks share one.
+        `box`.
+
+    Each block of crystals runs the first of `attention_branches` (grid, window) that evaluates all of its crystals
+    exactly (`branch_fits`, `lax.switch`): a smaller grid when every box fits it (the translations left out lie
+    outside every box), a window when it holds every image within `basis_cutoff` (the terms left out are below
+    e⁻⁴⁰), else the whole `ranges` grid. So results never depend on `window` or `grids` beyond e⁻⁴⁰. Crystals are
+    sorted by the first branch that fits them, so that blocks share one.
 
     Returns:
       agg_v [B, N, H, D] and agg_basis [B, N, H, K]; rows of padding atoms are finite but meaningless.
@@ -384,6 +463,8 @@ def periodic_attention(
     num_crystals, num_atoms, num_heads, head_dim = q.shape
     ranges = tuple(int(r) for r in ranges)
     grids = _check_grids(grids, ranges) if box is not None else []
+    branches, sort_axes = attention_branches(ranges, grids, window)
+    cutoff = basis_cutoff(centers, width)
     crystals_per_block, queries_per_block = block_plan(
         num_crystals, num_atoms, int(np.prod([2 * r + 1 for r in ranges])), len(centers), q.dtype.itemsize, chunk_size
     )
@@ -391,21 +472,23 @@ def periodic_attention(
     num_query_blocks = math.ceil(num_atoms / queries_per_block)
     padded_b = num_crystal_blocks * crystals_per_block
     padded_n = num_query_blocks * queries_per_block
-    if box is None:
+    use_box = box is not None
+    if sort_axes:  # relabel each cell's axes (rows of the lattice, columns of frac and box): the same images
+        axes = axes_by_need(lattice, cutoff)
+        lattice = jnp.take_along_axis(lattice, axes[:, :, None], axis=1)
+        frac = jnp.take_along_axis(frac, axes[:, None, :], axis=2)
+        if use_box:
+            box = jnp.take_along_axis(box, axes[:, None, None, :], axis=3)
+    if not use_box:
         box = jnp.zeros((num_crystals, num_atoms, num_heads, 3), jnp.int32)
-        use_box = False
-    else:
-        use_box = True
 
-    levels = jnp.zeros(num_crystals, jnp.int32)
+    fits = branch_fits(branches, lattice, mask, box if use_box else None, cutoff)  # [B, branches]
     order = None
-    if grids:
-        levels = grid_levels(box, mask, grids)
-        if crystals_per_block > 1:  # blocks of crystals that fit the same grid
-            order = jnp.argsort(levels, stable=True)
-            q, k, v, gamma, lattice, frac, mask, box, levels = (
-                jnp.take(x, order, axis=0) for x in (q, k, v, gamma, lattice, frac, mask, box, levels)
-            )
+    if len(branches) > 1 and crystals_per_block > 1:  # blocks of crystals that take the same branch
+        order = jnp.argsort(first_fit(fits), stable=True)
+        q, k, v, gamma, lattice, frac, mask, box, fits = (
+            jnp.take(x, order, axis=0) for x in (q, k, v, gamma, lattice, frac, mask, box, fits)
+        )
 
     def crystal_blocks(x, fill=0):
         x = _pad_axis(x, 0, padded_b, fill)
@@ -426,42 +509,21 @@ def periodic_attention(
     )
     queries = tuple(query_blocks(x) for x in (frac, q, gamma, box))
     queries = tuple(jnp.moveaxis(x, 1, 0) for x in queries)  # [crystal blocks, query blocks, C, Q, ...]
-    block_levels = jnp.max(crystal_blocks(levels), axis=1)  # [crystal blocks]
+    block_levels = first_fit(jnp.all(crystal_blocks(fits, True), axis=1))  # [crystal blocks]
 
-    def grid_branch(grid):
-        """Runs a crystal block's query blocks on the translations of `grid` (window, if any, within it)."""
-        shifts = translation_grid(grid)
-        whole_box = jax.vmap(_make_block(shifts, centers, width, exact_basis_gradient, use_box))
-        grid_window = None
-        if window is not None:
-            grid_window = tuple(min(int(w), 2 * r + 1) for w, r in zip(window, grid, strict=True))
-            partial_axes = [w < 2 * r + 1 for w, r in zip(grid_window, grid, strict=True)]
-            if not any(partial_axes):
-                grid_window = None
-        if grid_window is None:
-            return lambda crystal_keys, query_rows: jax.lax.map(
-                lambda rows: whole_box(*crystal_keys, *rows), query_rows
-            )
-        windowed = jax.vmap(_make_block(shifts, centers, width, exact_basis_gradient, use_box, grid_window))
-        checked = [w if partial else np.inf for w, partial in zip(grid_window, partial_axes, strict=True)]
-        cutoff = basis_cutoff(centers, width)
+    def branch_fn(branch):
+        block = jax.vmap(
+            _make_block(translation_grid(branch.grid), centers, width, exact_basis_gradient, use_box, branch.window)
+        )
+        return lambda crystal_keys, query_rows: jax.lax.map(lambda rows: block(*crystal_keys, *rows), query_rows)
 
-        def run(crystal_keys, query_rows):
-            lattice_c, _, mask_c = crystal_keys[:3]
-            covered = jnp.all(window_covers(lattice_c, checked, cutoff) | ~jnp.any(mask_c, axis=-1))
-            return jax.lax.map(
-                lambda rows: jax.lax.cond(covered, windowed, whole_box, *crystal_keys, *rows), query_rows
-            )
-
-        return run
-
-    branches = [grid_branch(grid) for grid in grids + [ranges]]
+    branch_fns = [branch_fn(branch) for branch in branches]
 
     def crystal_block(args):
         level, crystal_keys, query_rows = args
-        if len(branches) == 1:
-            return branches[0](crystal_keys, query_rows)
-        return jax.lax.switch(level, branches, crystal_keys, query_rows)
+        if len(branch_fns) == 1:
+            return branch_fns[0](crystal_keys, query_rows)
+        return jax.lax.switch(level, branch_fns, crystal_keys, query_rows)
 
     agg_v, agg_basis = jax.lax.map(crystal_block, (block_levels, keys, queries))
 

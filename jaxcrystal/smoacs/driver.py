@@ -226,7 +226,9 @@ def _load_sized(kind: str, source, model_config, reach, image_box, options: dict
             fixed = options.get("truncation") == "fixed"
             grid = (arch.lattice_range,) * 3 if fixed else sized["max_range"]
             cells, atoms = start
-            sized["basis_window"] = cheapest_window(np.asarray(cells), arch, grid, atoms, options.get("chunk_size"))
+            smaller = not fixed and bool(options.get("smaller_grids", True))
+            chunk_size = options.get("chunk_size")
+            sized["basis_window"] = cheapest_window(np.asarray(cells), arch, grid, atoms, chunk_size, smaller)
         predictor = load_predictor(kind, source, config=model_config, **options, **sized)
     return predictor
 
