@@ -32,7 +32,8 @@ def _model_options(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
             raise ConfigError(f"--model-option expects [KIND.]OPTION=VALUE (e.g. chunk_size=64), got {item!r}")
-        out[key] = int(value) if value.lstrip("-").isdigit() else value
+        booleans = {"true": True, "false": False}
+        out[key] = int(value) if value.lstrip("-").isdigit() else booleans.get(value.lower(), value)
     return out
 
 

@@ -430,6 +430,8 @@ def test_basis_window_gives_the_whole_box_result(x64):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
     with pytest.raises(ConfigError, match="basis_window"):
         make_apply(TOY, "fixed", basis_window=(4, 4))(toy_params(), *big)
+    with pytest.raises(ConfigError, match="smaller_grids must be True or False, got 'no'"):
+        jaxcrystal.load_predictor("crystalformer", "unused.npz", smaller_grids="no")
 
 
 def test_cheapest_window_weighs_fallback_blocks():
@@ -442,6 +444,14 @@ def test_cheapest_window_weighs_fallback_blocks():
     # One short axis (any of them): the (5, 4, 4) variant on sorted axes, 80 translations instead of 125.
     short = np.stack([np.diag([12.0, 6.0, 12.0]), np.diag([6.0, 12.0, 12.0])])
     assert cheapest_window(short, TOY, (2, 2, 2), num_atoms=135) == (4, 4, 4)
+    # A window that saves less than a fifth of the basis work is not taken: 9 x 125 + 64 vs 10 x 125.
+    mostly_small = np.stack([np.eye(3) * 6.0] * 9 + [np.eye(3) * 12.0])
+    assert cheapest_window(mostly_small, TOY, (2, 2, 2), num_atoms=135) == (5, 5, 5)
+    # 7.5 Å cells on a grid sized for 2 Å ones: they run on the smaller (2, 2, 2) grid, where TOY's basis (6
+    # translations per axis) needs all 5: no window; without smaller grids a window saves work on the 9³ grid.
+    cells = np.stack([np.eye(3) * 7.5] * 4)
+    assert cheapest_window(cells, TOY, (4, 4, 4), num_atoms=135, smaller_grids=True) == (9, 9, 9)
+    assert cheapest_window(cells, TOY, (4, 4, 4), num_atoms=135) == (6, 6, 6)
 
 
 def test_smaller_grids_give_the_whole_grid_result(x64):

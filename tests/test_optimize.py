@@ -113,9 +113,10 @@ def test_model_options_are_routed_by_kind_and_checked(tmp_path, capsys):
         jaxcrystal.optimize(num_candidates=2, steps=1, model_options={"chunk_size": 4}, progress=False)
     assert run.main(["--model-option", "chunk_size", "--out", str(tmp_path / "o")]) == 2
     assert "OPTION=VALUE" in capsys.readouterr().err
-    assert run._model_options(["chunk_size=64", "crystalformer.gradient=smoacs"]) == {
+    assert run._model_options(["chunk_size=64", "crystalformer.gradient=smoacs", "smaller_grids=False"]) == {
         "chunk_size": 64,
         "crystalformer.gradient": "smoacs",
+        "smaller_grids": False,
     }
 
 

@@ -23,8 +23,10 @@ basis with respect to the distance; only coordinate and lattice gradients differ
 Basis window (`basis_window`): the RBF basis is < e⁻⁴⁰ beyond μ_K + √80·s (16 Å by default), while the box can
 reach much further (±2 cells of a 12 Å supercell: 90 % of its triples lie beyond 16 Å). With a static window
 (W_1, W_2, W_3) the basis is evaluated only on W_d translations per axis around each (query, key) pair, enough
-for cells of `required_window`; the softmax still runs over the whole box, and smaller cells fall back to it
-(see `periodic_attention`). None evaluates the basis over the whole box.
+for cells of `required_window`; the softmax still runs over the whole box, and smaller cells take a wider window
+(whole axes for their short ones) or the whole box (see `periodic_attention`). None evaluates the basis over the
+whole box. Smaller grids (`smaller_grids`, adaptive truncation): blocks whose boxes all fit a smaller grid than
+`max_range` run on it.
 
 Fractional coordinates are wrapped to [0, 1) first (gradient unchanged); pairs use the unwrapped difference
 f_j - f_i of the wrapped coordinates, as upstream does with its (wrapped) Cartesian positions.

@@ -21,8 +21,9 @@ The dominant tensors are per (query, key, translation): the basis φ [Q, N, M, K
 (crystal, atom) rows with `lax.map`, and the backward pass of a block (a hand-written VJP) rebuilds them from the
 block's inputs, so the peak memory is that of one block whatever the batch size. The basis, which is below e⁻⁴⁰
 beyond `basis_cutoff` (16 Å for Crystalformer's default), can be restricted to a window of translations around
-each pair (`window`): for a 12 Å cell with the ±2 box, 27 of the 125 translations. With per-query boxes, blocks of
-crystals whose boxes all fit a smaller grid than `ranges` run on that grid (`grids`).
+each pair (`window`): for a 12 Å cell with the ±2 box, 27 of the 125 translations. Each block takes the cheapest
+exact variant (`attention_branches`): cells with short axes a window with whole axes there, or the whole box; with
+per-query boxes, blocks of crystals whose boxes all fit a smaller grid than `ranges` run on that grid (`grids`).
 """
 
 import math

@@ -16,7 +16,8 @@ Options:
     or 3 ints; see `jaxcrystal.models.crystalformer`). "auto" (default): `required_window` of each call's lattice,
     or the whole box under `jit`/`scan` (a traced lattice), where a static value is needed: e.g.
     `required_window(start_lattices, config)`, or `cheapest_window` (jaxcrystal.models.crystalformer) for cells of
-    mixed sizes; attention blocks with smaller cells fall back to the whole box. None: the whole box always.
+    mixed sizes; attention blocks with smaller cells take the window with whole axes for their short axes, or the
+    whole box. None: the whole box always.
     Results agree with the whole box to rounding (the terms left out are < e⁻⁴⁰).
   smaller_grids: True (default): with adaptive truncation, attention blocks whose crystals' boxes all fit a grid
     smaller than `max_range` ((2, 2, 2), (3, 3, 3), ...) run on it; crystals are sorted into blocks by the grid
@@ -104,6 +105,8 @@ def load(
         raise ConfigError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
     if gradient not in GRADIENTS:
         raise ConfigError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    if not isinstance(smaller_grids, bool):
+        raise ConfigError(f"smaller_grids must be True or False, got {smaller_grids!r}")
     if chunk_size is not None and int(chunk_size) < 1:
         raise ConfigError(f"chunk_size must be a positive number of query rows, got {chunk_size}")
     static_range = None if max_range is None else _normalize_range(max_range)
@@ -113,7 +116,7 @@ def load(
     arch = CrystalformerConfig.from_dict(metadata["config"])
     check_variables(params, _expected_params(arch), str(path))
     params = jax.tree.map(jnp.asarray, params)
-    apply = make_apply(arch, truncation, gradient, chunk_size, static_range, basis_window, bool(smaller_grids))
+    apply = make_apply(arch, truncation, gradient, chunk_size, static_range, basis_window, smaller_grids)
     return Predictor(
         kind="crystalformer",
         name=metadata["name"],
@@ -129,7 +132,7 @@ def load(
             "chunk_size": chunk_size,
             "max_range": static_range,
             "basis_window": basis_window,
-            "smaller_grids": bool(smaller_grids),
+            "smaller_grids": smaller_grids,
         },
     )
 

@@ -155,7 +155,8 @@ def load_property_models(config: RunConfig, reach=None, image_box=None, start_ce
         from them (graph predictors' neighbour-search box, Crystalformer's adaptive-box bound). None: defaults.
       image_box: override of the neighbour-search box (the optimizer enlarges it after an overflow).
       start_cells: [K, 3, 3] lattices the run starts from; Crystalformer's basis window is sized for them
-        (`cheapest_window`; smaller cells fall back to the whole box: same results). None: no window under `jit`.
+        (`cheapest_window`; smaller cells take wider windows or the whole box: same results). None: no window under
+        `jit`.
       start_atoms: atoms per crystal of those cells.
     """
     task = presets.TASK_SPECS[config.task]
@@ -226,7 +227,7 @@ def _load_sized(kind: str, source, model_config, reach, image_box, options: dict
             fixed = options.get("truncation") == "fixed"
             grid = (arch.lattice_range,) * 3 if fixed else sized["max_range"]
             cells, atoms = start
-            smaller = not fixed and bool(options.get("smaller_grids", True))
+            smaller = not fixed and options.get("smaller_grids", True) is True
             chunk_size = options.get("chunk_size")
             sized["basis_window"] = cheapest_window(np.asarray(cells), arch, grid, atoms, chunk_size, smaller)
         predictor = load_predictor(kind, source, config=model_config, **options, **sized)
