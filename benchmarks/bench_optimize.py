@@ -4,6 +4,8 @@
     python benchmarks/bench_optimize.py --steps 20 --structures perovskite --json opt.json --markdown
     python benchmarks/bench_optimize.py --model crystalformer --structures perovskite3x3x3 --steps 0 \
         --segment 1 --repeats 1                                 # 128 x 135-atom Crystalformer steps
+    python benchmarks/bench_optimize.py --model crystalformer --structures perovskite --steps 0 \
+        --model-option smaller_grids=false                      # the same with a predictor option changed
 
 The task is the paper's perovskite band-gap task (`bg_and_eform`, target 2.0 eV ± 0.2, E_form < -0.5 eV/atom,
 tolerance factor in [0.8, 1.0]). `--model cgcnn` uses the embedded CGCNN band-gap and formation-energy models;
@@ -85,8 +87,10 @@ def compiled_loop(structure: str, candidates: int, setup: dict, segment: int, mo
     from jaxcrystal.smoacs.problem import build_problem
     from jaxcrystal.smoacs.schedules import temperature
 
+    options = {**setup.get("model_options", {}), **(model_options or {})}  # the run's, then the FLOP count's
+    setup = {key: value for key, value in setup.items() if key != "model_options"}
     config = driver.RunConfig(
-        structure=structure, num_candidates=candidates, steps=200, seed=0, model_options=model_options or {}, **setup
+        structure=structure, num_candidates=candidates, steps=200, seed=0, model_options=options, **setup
     ).resolved()
     pool = driver._templates(config)
     engine = driver._Engine(config, pool)
@@ -190,6 +194,10 @@ def single(structure: str, args) -> dict:
     row = {"structure": structure, "model": args.model, "candidates": args.candidates, "matmul_gflops": rate}
     with tempfile.TemporaryDirectory() as directory:
         setup = model_setup(args.model, directory)
+        if args.model_option:
+            from jaxcrystal.run import _model_options
+
+            setup["model_options"] = _model_options(args.model_option)
         row.update(measure_loop(structure, setup, args, rate))
         row["loop_peak_rss_mb"] = common.peak_rss_mb()
         if args.steps > 0:
@@ -221,6 +229,12 @@ def main(argv=None) -> int:
         default="cgcnn",
         help="cgcnn: the embedded models; crystalformer/alignn: random weights of the reference architecture",
     )
+    parser.add_argument(
+        "--model-option",
+        action="append",
+        metavar="[KIND.]OPTION=VALUE",
+        help="predictor option, as jaxcrystal.run's (e.g. basis_window=3, smaller_grids=false); repeatable",
+    )
     parser.add_argument("--candidates", type=int, default=128)
     parser.add_argument("--steps", type=int, default=200, help="steps of the whole run (0: loop figures only)")
     parser.add_argument("--segment", type=int, default=5, help="steps per timed scan segment")
@@ -250,6 +264,8 @@ def main(argv=None) -> int:
         str(args.segment),
     ]
     extra += ["--repeats", str(args.repeats)]
+    for option in args.model_option or []:
+        extra += ["--model-option", option]
     rows = []
     for structure in args.structures:
         row = common.run_isolated(os.path.abspath(__file__), structure, extra)
