@@ -117,7 +117,7 @@ def attention_shares(engine, crystal) -> tuple:
     attention calls (models x layers) that run each of `attention_branches` in `periodic_attention` (grid and
     basis window, see `crystal_branches`); ones in a single column without Crystalformer models."""
     from jaxcrystal.models.crystalformer import Crystalformer, intermediate_grids
-    from jaxcrystal.models.periodic_attention import attention_branches, block_plan, crystal_branches
+    from jaxcrystal.models.periodic_attention import attention_branches, basis_cutoff, block_plan, crystal_branches
 
     window, counts = None, []
     for model in engine.models.values():
@@ -135,12 +135,11 @@ def attention_shares(engine, crystal) -> tuple:
         per_block = block_plan(num_crystals, num_atoms, shifts, arch.value_pe_dist_real, 4, meta["chunk_size"])[0]
         num_branches = len(attention_branches(grid, grids, window)[0])
         for layer in range(arch.num_layers):
-            centers, width = arch.basis(layer)
+            cutoff = basis_cutoff(*arch.basis(layer))
             box = state["intermediates"][f"box_layer{layer}"][0] if adaptive else None
             taken = crystal_branches(
-                crystal[0], crystal[3], box, ranges=grid, centers=centers, width=width, window=window, grids=grids,
-                per_block=per_block,
-            )  # fmt: skip
+                crystal[0], crystal[3], box, ranges=grid, cutoff=cutoff, window=window, grids=grids, per_block=per_block
+            )
             counts.append(np.eye(num_branches)[taken])
     if not counts:
         return None, np.ones((crystal[0].shape[0], 1))

@@ -26,7 +26,7 @@ from jaxcrystal.models.crystalformer import (
     required_range,
     required_window,
 )
-from jaxcrystal.models.periodic_attention import crystal_branches
+from jaxcrystal.models.periodic_attention import basis_cutoff, crystal_branches
 from jaxcrystal.predictors.crystalformer import make_apply
 
 CKPTS = {"bandgap": "default.json", "eform": "default.json", "layers7": "layers7.json"}
@@ -466,10 +466,8 @@ def test_smaller_grids_give_the_whole_grid_result(x64):
     assert max_range == (5, 4, 4) and grids == ((2, 2, 2), (3, 3, 3), (4, 4, 4))
     model = Crystalformer(TOY, truncation="adaptive", max_range=max_range)
     _, state = model.apply({"params": toy_params()}, *batch, mutable=["intermediates"])
-    box, (centers, width) = state["intermediates"]["box_layer1"][0], TOY.basis(1)
-    taken = crystal_branches(
-        batch[0], batch[3], box, ranges=max_range, centers=centers, width=width, grids=grids, per_block=1
-    )
+    box, cutoff = state["intermediates"]["box_layer1"][0], basis_cutoff(*TOY.basis(1))
+    taken = crystal_branches(batch[0], batch[3], box, ranges=max_range, cutoff=cutoff, grids=grids, per_block=1)
     assert taken.tolist() == [0, 2, 0, 1, 0, 2]  # the grid of each crystal (no basis window here)
 
     def run(smaller_grids):

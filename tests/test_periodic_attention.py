@@ -189,7 +189,8 @@ def test_smaller_grids_equal_the_whole_grid(chunk_size, x64):
     box = box.at[0].set(jnp.minimum(box[0], jnp.asarray([1, 0, 1], jnp.int32))).at[2].set(jnp.minimum(box[2], 1))
     grids = ((1, 0, 1), (1, 1, 1))
     lattice = floats[4]
-    taken = crystal_branches(lattice, mask, box, ranges=RANGES, centers=CENTERS, width=WIDTH, grids=grids, per_block=1)
+    cutoff = basis_cutoff(CENTERS, WIDTH)
+    taken = crystal_branches(lattice, mask, box, ranges=RANGES, cutoff=cutoff, grids=grids, per_block=1)
     assert taken.tolist() == [0, 2, 1]
     loss = probe_loss(mask, len(CENTERS))
 
@@ -221,7 +222,9 @@ def test_window_variants_for_short_axes(chunk_size, x64):
         True,
     )
     args = dict(ranges=ranges, centers=WINDOW_CENTERS, width=WINDOW_WIDTH, window=WINDOW)
-    assert crystal_branches(floats[4], mask, box, **args, per_block=1).tolist() == [0, 1, 2]
+    cutoff = basis_cutoff(WINDOW_CENTERS, WINDOW_WIDTH)
+    taken = crystal_branches(floats[4], mask, box, ranges=ranges, cutoff=cutoff, window=WINDOW, per_block=1)
+    assert taken.tolist() == [0, 1, 2]
     loss = probe_loss(mask, len(WINDOW_CENTERS))
 
     def ours(q, k, v, gamma, lattice, frac):

@@ -48,10 +48,10 @@ from jaxcrystal.models.periodic_attention import (
     attention_branches,
     basis_cutoff,
     block_plan,
+    crystal_branches,
     inverse_plane_spacings,
     periodic_attention,
     window_size,
-    window_sizes,
 )
 
 TRUNCATIONS = ("adaptive", "fixed")
@@ -259,29 +259,21 @@ def cheapest_window(
     """
     grid = tuple(int(r) for r in grid)
     lattice = np.asarray(lattice).reshape(-1, 3, 3)
-    needed = window_sizes(lattice, config.basis_cutoff())  # [B, 3]
-    boxes = np.array([required_range(cell, config) for cell in lattice])  # [B, 3]
+    boxes = np.array([required_range(cell, config) for cell in lattice])[:, None, None, :]  # [B, 1 atom, 1 head, 3]
+    mask = np.ones((len(lattice), 1), bool)
     grids = intermediate_grids(grid, config.lattice_range) if smaller_grids else ()
     full = tuple(2 * r + 1 for r in grid)
-    per_block = block_plan(len(needed), num_atoms, int(np.prod(full)), config.value_pe_dist_real, 4, chunk_size)[0]
+    per_block = block_plan(len(lattice), num_atoms, int(np.prod(full)), config.value_pe_dist_real, 4, chunk_size)[0]
     best_cost, best = None, None
     for w in range(1, max(full) + 1):
-        branches, sort_axes = attention_branches(grid, grids, window=(w,) * 3)
-        cell_needs = -np.sort(-needed, axis=1) if sort_axes else needed
-        fits = []
-        for branch_grid, window in branches:
-            fit = np.all(boxes <= np.asarray(branch_grid), axis=1)
-            if window is not None:
-                whole_axes = np.asarray(window) == 2 * np.asarray(branch_grid) + 1
-                fit &= np.all((cell_needs <= np.asarray(window)) | whole_axes, axis=1)
-            fits.append(fit)
-        fits = np.stack(fits, axis=1)
-        fits[:, -1] = True
-        order = np.argsort(np.argmax(fits, axis=1), kind="stable") if per_block > 1 else np.arange(len(fits))
-        sorted_fits = np.pad(fits[order], ((0, -len(fits) % per_block), (0, 0)), constant_values=True)
-        taken = np.argmax(sorted_fits.reshape(-1, per_block, len(branches)).all(axis=1), axis=1)
-        costs = np.array([np.prod(window or [2 * r + 1 for r in branch_grid]) for branch_grid, window in branches])
-        cost = costs[taken].sum() * per_block
+        window = (w,) * 3
+        taken = crystal_branches(
+            lattice, mask, boxes, ranges=grid, cutoff=config.basis_cutoff(), window=window, grids=grids,
+            per_block=per_block,
+        )  # fmt: skip
+        branches = attention_branches(grid, grids, window)[0]
+        costs = np.array([np.prod(b.window or [2 * r + 1 for r in b.grid]) for b in branches])
+        cost = costs[taken].sum()
         if best_cost is None or cost <= best_cost:
             best_cost, best = cost, w
     if best_cost > (1 - MIN_WINDOW_GAIN) * cost:  # cost: that of the whole grid (the last w)

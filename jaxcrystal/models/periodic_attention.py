@@ -390,14 +390,14 @@ def first_fit(fits):
     return jnp.argmax(fits, axis=-1).astype(jnp.int32)
 
 
-def crystal_branches(lattice, mask, box, *, ranges, centers, width: float, window=None, grids=(), per_block: int):
-    """[B] int: the branch of `attention_branches(ranges, grids, window)` each crystal runs in `periodic_attention`
-    with `per_block` crystals per block (`block_plan`): crystals sorted by their first fitting branch, then each
-    block takes the first branch that fits all of its crystals. For cost accounting (benchmarks)."""
+def crystal_branches(lattice, mask, box, *, ranges, cutoff: float, window=None, grids=(), per_block: int):
+    """[B] int (host): the branch of `attention_branches(ranges, grids, window)` each crystal runs in
+    `periodic_attention` with `per_block` crystals per block (`block_plan`): crystals sorted by their first fitting
+    branch, then each block takes the first branch that fits all of its crystals. For cost accounting
+    (`cheapest_window`, benchmarks); `cutoff`: `basis_cutoff` of the centres and width."""
     ranges = tuple(int(r) for r in ranges)
     grids = _check_grids(grids, ranges) if box is not None else []
     branches, sort_axes = attention_branches(ranges, grids, window)
-    cutoff = basis_cutoff(centers, width)
     if sort_axes:
         axes = axes_by_need(lattice, cutoff)
         lattice = jnp.take_along_axis(lattice, axes[:, :, None], axis=1)
