@@ -390,19 +390,26 @@ def first_fit(fits):
     return jnp.argmax(fits, axis=-1).astype(jnp.int32)
 
 
+def _branch_plan(lattice, mask, box, ranges, cutoff: float, window, grids):
+    """(branches, axes [B, 3] int or None, lattice and box with relabelled axes, fits [B, branches] bool): what
+    `periodic_attention` and `crystal_branches` decide before blocking. `box` may be None (no adaptive box)."""
+    grids = _check_grids(grids, ranges) if box is not None else []
+    branches, sort_axes = attention_branches(ranges, grids, window)
+    axes = None
+    if sort_axes:  # relabel each cell's axes (rows of the lattice, box components; frac columns by the caller)
+        axes = axes_by_need(lattice, cutoff)
+        lattice = jnp.take_along_axis(lattice, axes[:, :, None], axis=1)
+        box = None if box is None else jnp.take_along_axis(box, axes[:, None, None, :], axis=3)
+    return branches, axes, lattice, box, branch_fits(branches, lattice, mask, box, cutoff)
+
+
 def crystal_branches(lattice, mask, box, *, ranges, cutoff: float, window=None, grids=(), per_block: int):
     """[B] int (host): the branch of `attention_branches(ranges, grids, window)` each crystal runs in
     `periodic_attention` with `per_block` crystals per block (`block_plan`): crystals sorted by their first fitting
     branch, then each block takes the first branch that fits all of its crystals. For cost accounting
     (`cheapest_window`, benchmarks); `cutoff`: `basis_cutoff` of the centres and width."""
-    ranges = tuple(int(r) for r in ranges)
-    grids = _check_grids(grids, ranges) if box is not None else []
-    branches, sort_axes = attention_branches(ranges, grids, window)
-    if sort_axes:
-        axes = axes_by_need(lattice, cutoff)
-        lattice = jnp.take_along_axis(lattice, axes[:, :, None], axis=1)
-        box = None if box is None else jnp.take_along_axis(box, axes[:, None, None, :], axis=3)
-    fits = np.asarray(branch_fits(branches, lattice, mask, box, cutoff))
+    branches, _, _, _, fits = _branch_plan(lattice, mask, box, tuple(int(r) for r in ranges), cutoff, window, grids)
+    fits = np.asarray(fits)
     order = np.argsort(np.asarray(first_fit(fits)), kind="stable") if per_block > 1 else np.arange(len(fits))
     sorted_fits = np.pad(fits[order], ((0, -len(fits) % per_block), (0, 0)), constant_values=True)
     block_fits = sorted_fits.reshape(-1, per_block, len(branches)).all(axis=1)
@@ -463,9 +470,10 @@ def periodic_attention(
     """
     num_crystals, num_atoms, num_heads, head_dim = q.shape
     ranges = tuple(int(r) for r in ranges)
-    grids = _check_grids(grids, ranges) if box is not None else []
-    branches, sort_axes = attention_branches(ranges, grids, window)
     cutoff = basis_cutoff(centers, width)
+    branches, axes, lattice, box, fits = _branch_plan(lattice, mask, box, ranges, cutoff, window, grids)
+    if axes is not None:
+        frac = jnp.take_along_axis(frac, axes[:, None, :], axis=2)
     crystals_per_block, queries_per_block = block_plan(
         num_crystals, num_atoms, int(np.prod([2 * r + 1 for r in ranges])), len(centers), q.dtype.itemsize, chunk_size
     )
@@ -474,16 +482,8 @@ def periodic_attention(
     padded_b = num_crystal_blocks * crystals_per_block
     padded_n = num_query_blocks * queries_per_block
     use_box = box is not None
-    if sort_axes:  # relabel each cell's axes (rows of the lattice, columns of frac and box): the same images
-        axes = axes_by_need(lattice, cutoff)
-        lattice = jnp.take_along_axis(lattice, axes[:, :, None], axis=1)
-        frac = jnp.take_along_axis(frac, axes[:, None, :], axis=2)
-        if use_box:
-            box = jnp.take_along_axis(box, axes[:, None, None, :], axis=3)
     if not use_box:
         box = jnp.zeros((num_crystals, num_atoms, num_heads, 3), jnp.int32)
-
-    fits = branch_fits(branches, lattice, mask, box if use_box else None, cutoff)  # [B, branches]
     order = None
     if len(branches) > 1 and crystals_per_block > 1:  # blocks of crystals that take the same branch
         order = jnp.argsort(first_fit(fits), stable=True)
