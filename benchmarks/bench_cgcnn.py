@@ -10,7 +10,8 @@ one process per case so that the peak RSS is the case's own), for the embedded M
   * JAX: compile time and steady-state time of the in-jit neighbour search (`build_graph`), of the frozen-graph
     forward (bond lengths, Gaussian expansion, model) and of forward + gradient w.r.t. lattice, coordinates and
     species; XLA's FLOPs for each and the utilization (achieved GFLOP/s over the float32 matmul rate measured in
-    the same run);
+    the same run), and the utilization the program's mix of FLOPs and transcendentals allows (`common.mix_ceiling`,
+    with the exp rate measured in the same run);
   * PyTorch (when `torch` and `cgcnn2` are importable): `cgcnn2`'s featurization of the same crystals (CIF files,
     pymatgen neighbour lists, Gaussian expansion; host code), its `CrystalGraphConvNet` forward on the collated
     batch and forward + gradient w.r.t. its inputs (atom features and Gaussian bond features), with the same
@@ -50,10 +51,12 @@ COLUMNS = [
     ("forward_s", "fwd s", ".4f"),
     ("matmul_gflops", "matmul GFLOP/s", ".0f"),
     ("forward_util", "fwd util %", ".0f"),
+    ("forward_ceiling", "fwd mix ceiling %", ".0f"),
     ("grad_compile_s", "grad compile s", ".1f"),
     ("grad_s", "fwd+grad s", ".4f"),
     ("grad_gflop", "fwd+grad GFLOP", ".2f"),
     ("grad_util", "fwd+grad util %", ".0f"),
+    ("grad_ceiling", "fwd+grad mix ceiling %", ".0f"),
     ("torch_featurize_s", "torch featurize s", ".2f"),
     ("torch_forward_s", "torch fwd s", ".4f"),
     ("torch_grad_s", "torch fwd+grad s", ".4f"),
@@ -75,7 +78,7 @@ def torch_available() -> str | None:
     return None
 
 
-def measure_jax(model: str, crystals, repeats: int, rate: float) -> tuple[dict, np.ndarray]:
+def measure_jax(model: str, crystals, repeats: int, rate: float, exps: float) -> tuple[dict, np.ndarray]:
     lattice, frac, species, mask, _ = crystals
     box = geometry.required_image_box(np.asarray(lattice), 8.0)
     predictor = load_predictor("cgcnn", model, image_box=box)
@@ -95,6 +98,7 @@ def measure_jax(model: str, crystals, repeats: int, rate: float) -> tuple[dict, 
 
     for name, fn in (("forward", forward), ("grad", forward_grad)):
         compiled, seconds, flops, temp = common.compile_fn(fn, lattice, frac, species, options=XLA_OPTIONS)
+        transcendentals = common.xla_cost(compiled)["transcendentals"]
         timing = common.steady(compiled, (lattice, frac, species), repeats)
         row[f"{name}_compile_s"] = seconds
         row[f"{name}_s"] = timing["min_s"]
@@ -102,6 +106,8 @@ def measure_jax(model: str, crystals, repeats: int, rate: float) -> tuple[dict, 
         row[f"{name}_gflop"] = flops / 1e9
         row[f"{name}_temp_mb"] = temp / 2**20
         row[f"{name}_util"] = common.utilization(flops, row[f"{name}_s"], rate)
+        row[f"{name}_transcendentals"] = transcendentals
+        row[f"{name}_ceiling"] = common.mix_ceiling(flops, transcendentals, rate, exps)
     prediction = np.asarray(jax.jit(forward)(lattice, frac, species))
     return row, prediction
 
@@ -169,8 +175,9 @@ def single(case: str, args) -> dict:
     b, n, cells = common.parse_case(case)
     crystals = common.perovskite_crystals(b, cells, seed=0, soft=False)
     rate = common.matmul_rate()  # measured again next to the case: the rate a busy machine gives now
-    row = {"case": case, "crystals": b, "atoms": n, "matmul_gflops": rate}
-    jax_row, jax_pred = measure_jax(args.model, crystals, args.repeats, rate)
+    exps = common.exp_rate()
+    row = {"case": case, "crystals": b, "atoms": n, "matmul_gflops": rate, "exp_gps": exps}
+    jax_row, jax_pred = measure_jax(args.model, crystals, args.repeats, rate, exps)
     row.update(jax_row)
     row["jax_peak_rss_mb"] = common.peak_rss_mb()
     if not args.no_torch and torch_available() is None:

@@ -7,7 +7,8 @@
 
 Per batch B x N (rattled perovskite supercells, soft species), in this process: compile time, the median and
 minimum of `--repeats` calls after a warm-up (forward; forward+gradient w.r.t. lattice, frac and species), XLA's
-temporary buffers, the FLOPs and the utilization against the float32 matmul rate measured next to the case, and
+temporary buffers, the FLOPs and the utilization against the float32 matmul rate measured next to the case, the
+transcendentals and the utilization their mix allows (`common.mix_ceiling`, exp rate measured next to the case), and
 the process peak RSS (monotone over the run: run one case per process for a clean figure).
 
 FLOPs: XLA's cost analysis counts a loop body once, and the attention runs as a loop over query blocks; so the
@@ -40,6 +41,9 @@ COLUMNS = [
     ("gflop", "GFLOP", ".1f"),
     ("matmul_gflops", "matmul GFLOP/s", ".0f"),
     ("util", "util %", ".0f"),
+    ("transcendentals_g", "G transc.", ".2f"),
+    ("exp_gps", "exp G/s", ".1f"),
+    ("ceiling", "mix ceiling %", ".0f"),
     ("temp_mb", "XLA temp MB", ".0f"),
     ("peak_rss_mb", "peak RSS MB", ".0f"),
 ]
@@ -106,8 +110,10 @@ def main(argv=None) -> int:
                 continue
             compiled, compile_s, _, temp = common.compile_fn(fn, *batch[:3])
             with common.attention_branch(0):  # the window is sized for these cells: count the branch that runs
-                flops = common.compile_fn(functions(one_block, params, one[3])[mode], *one[:3])[2] * num_crystals
-            rate = common.matmul_rate()
+                one_compiled = common.compile_fn(functions(one_block, params, one[3])[mode], *one[:3])[0]
+            cost = {key: value * num_crystals for key, value in common.xla_cost(one_compiled).items()}
+            flops = cost["flops"]
+            rate, exps = common.matmul_rate(), common.exp_rate()
             timing = common.steady(compiled, batch[:3], args.repeats)
             row = {"case": case, "blocks": f"{plan[0]}x{plan[1]}", "mode": mode, "compile_s": compile_s, **timing}
             row.update(gflop=flops / 1e9, matmul_gflops=rate, temp_mb=temp / 2**20, max_range=max_range)
@@ -115,6 +121,8 @@ def main(argv=None) -> int:
             whole = not effective or effective == [2 * r + 1 for r in shifts]
             row["basis_window"] = "box" if whole else "x".join(str(w) for w in effective)
             row["util"] = common.utilization(flops, timing["min_s"], rate)
+            row.update(transcendentals_g=cost["transcendentals"] / 1e9, exp_gps=exps)
+            row["ceiling"] = common.mix_ceiling(flops, cost["transcendentals"], rate, exps)
             row["peak_rss_mb"] = common.peak_rss_mb()
             rows.append(row)
             common.print_table([row], COLUMNS)

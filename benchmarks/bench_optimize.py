@@ -15,7 +15,8 @@ Per structure, in a fresh process (so that the peak RSS is the structure's own):
   * the compiled loop exactly as `jaxcrystal.optimize` builds it: compile time of `init` and of one
     `advance` segment (`--segment` steps in one `lax.scan`), XLA's temporary buffers for it, the steady-state
     time per step (median over `--repeats` segments after a warm-up segment), the FLOPs per step (see
-    `measure_loop`) and the utilization against the float32 matmul rate measured in the same process before;
+    `measure_loop`) and the utilization against the float32 matmul rate measured in the same process before,
+    with the utilization the step's mix of FLOPs and transcendentals allows (`common.mix_ceiling`);
   * then the whole run, `jaxcrystal.optimize(..., steps=--steps)`: wall time (compilation, every step,
     discretization, evaluation), steps/s of the run, and the success table (successes, unique and novel ones).
 """
@@ -44,6 +45,7 @@ COLUMNS = [
     ("step_gflop", "GFLOP/step", ".1f"),
     ("matmul_gflops", "matmul GFLOP/s", ".0f"),
     ("step_util", "util %", ".0f"),
+    ("step_ceiling", "mix ceiling %", ".0f"),
     ("step_temp_mb", "XLA temp MB", ".0f"),
     ("steps", "steps", "d"),
     ("run_s", "run s", ".0f"),
@@ -146,7 +148,7 @@ def attention_shares(engine, crystal) -> tuple:
     return window, np.mean(counts, axis=0)
 
 
-def measure_loop(structure: str, setup: dict, args, rate: float) -> dict:
+def measure_loop(structure: str, setup: dict, args, rate: float, exps: float) -> dict:
     """Compile and steady-state figures of the compiled loop the driver builds for this structure.
 
     FLOPs: XLA's cost analysis counts a loop body once, and the step contains loops over attention blocks,
@@ -174,13 +176,17 @@ def measure_loop(structure: str, setup: dict, args, rate: float) -> dict:
     if setup["model"] == "crystalformer":
         single["basis_window"] = window  # the full run's, not one sized for the single candidate
         row["attention_branch_shares"] = shares.mean(axis=0).round(3).tolist()
-    flops = 0.0
+    flops = transcendentals = 0.0
     for branch, weight in enumerate(shares.sum(axis=0)):
         if weight > 0:
             with common.attention_branch(branch):
-                flops += common.xla_flops(compiled_loop(structure, 1, setup, 1, single)[0]) * weight
+                cost = common.xla_cost(compiled_loop(structure, 1, setup, 1, single)[0])
+            flops += cost["flops"] * weight
+            transcendentals += cost["transcendentals"] * weight
     row["step_gflop"] = flops / 1e9
+    row["step_transcendentals"] = transcendentals
     row["step_util"] = common.utilization(flops, row["step_min_s"], rate)
+    row["step_ceiling"] = common.mix_ceiling(flops, transcendentals, rate, exps)
     return row
 
 
@@ -190,14 +196,16 @@ def single(structure: str, args) -> dict:
     import jaxcrystal
 
     rate = common.matmul_rate()  # measured again next to the case: the rate a busy machine gives now
+    exps = common.exp_rate()
     row = {"structure": structure, "model": args.model, "candidates": args.candidates, "matmul_gflops": rate}
+    row["exp_gps"] = exps
     with tempfile.TemporaryDirectory() as directory:
         setup = model_setup(args.model, directory)
         if args.model_option:
             from jaxcrystal.run import _model_options
 
             setup["model_options"] = _model_options(args.model_option)
-        row.update(measure_loop(structure, setup, args, rate))
+        row.update(measure_loop(structure, setup, args, rate, exps))
         row["loop_peak_rss_mb"] = common.peak_rss_mb()
         if args.steps > 0:
             start = time.perf_counter()

@@ -7,6 +7,9 @@ Conventions used by every script:
   * FLOPs are what XLA's `cost_analysis()` reports for the compiled program (a loop body is counted once, so a
     `lax.scan` of n steps reports one step);
   * utilization = (FLOPs / steady time) / the float32 matmul rate measured in the same run (`matmul_rate`);
+  * XLA does not count transcendental functions (exp, log, ...) as FLOPs but reports them apart; the mix ceiling
+    (`mix_ceiling`) is the utilization a program would reach if its FLOPs ran at the matmul rate and its
+    transcendentals at the exp rate measured in the same run (`exp_rate`), with nothing else taking time;
   * the peak host memory of a case is the `ru_maxrss` of a fresh process that ran only that case.
 """
 
@@ -164,11 +167,16 @@ def compile_fn(fn, *args, static_argnums=(), options=None):
     return compiled, seconds, xla_flops(compiled), xla_temp_bytes(compiled)
 
 
+def xla_cost(compiled) -> dict:
+    """XLA's cost analysis of a compiled program: {"flops", "transcendentals"} (NaN when unavailable)."""
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, list) else cost) or {}
+    return {key: float(cost.get(key, float("nan"))) for key in ("flops", "transcendentals")}
+
+
 def xla_flops(compiled) -> float:
     """FLOPs of a compiled program from XLA's cost analysis (NaN when unavailable)."""
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+    return xla_cost(compiled)["flops"]
 
 
 def xla_temp_bytes(compiled) -> float:
@@ -208,9 +216,40 @@ def matmul_rate(size: int = 1024, repeats: int = 10) -> float:
     return 2 * size**3 / best / 1e9
 
 
+def exp_rate(size: int = 2**20, terms: int = 16, repeats: int = 10) -> float:
+    """Best float32 exponentials per second (G/s) of a jitted Σ_k exp(c_k x) over `size` values, `terms`
+    exponentials per value in one fused loop (the machine's reachable rate; memory traffic is one read and one
+    write per `terms` exponentials)."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=size), jnp.float32)
+    scales = np.linspace(-1.0, 1.0, terms, dtype=np.float32)
+
+    def exponentials(x):
+        total = jnp.zeros_like(x)
+        for scale in scales:
+            total = total + jnp.exp(scale * x)
+        return total
+
+    f = jax.jit(exponentials).lower(x).compile()
+    jax.block_until_ready(f(x))
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(f(x))
+        best = min(best, time.perf_counter() - t)
+    return size * terms / best / 1e9
+
+
 def utilization(flops: float, seconds: float, rate_gflops: float) -> float:
     """Achieved GFLOP/s over the measured matmul rate, in percent."""
     return 100.0 * flops / seconds / 1e9 / rate_gflops
+
+
+def mix_ceiling(flops: float, transcendentals: float, rate_gflops: float, exp_gps: float) -> float:
+    """The utilization (%) reachable by a program of this operation mix: its FLOPs at the matmul rate (GFLOP/s)
+    plus its transcendentals at the exp rate (G/s), everything else free. `utilization` / this = how close the
+    program runs to its own mix's bound."""
+    flop_s = flops / 1e9 / rate_gflops
+    return 100.0 * flop_s / (flop_s + transcendentals / 1e9 / exp_gps)
 
 
 def peak_rss_mb() -> float:
