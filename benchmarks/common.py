@@ -203,17 +203,22 @@ def attention_branch(index: int):
         periodic_attention.branch_fits = original
 
 
-def matmul_rate(size: int = 1024, repeats: int = 10) -> float:
-    """Best float32 GFLOP/s of a jitted [size, size] @ [size, size] matmul (the machine's reachable rate)."""
-    a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), jnp.float32)
-    f = jax.jit(lambda x: x @ x).lower(a).compile()
-    jax.block_until_ready(f(a))
+def best_seconds(fn, x, repeats: int) -> float:
+    """Shortest wall time (s) of `repeats` calls of the compiled `fn(x)` after a warm-up call (a rate probe)."""
+    f = fn.lower(x).compile()
+    jax.block_until_ready(f(x))
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        jax.block_until_ready(f(a))
+        jax.block_until_ready(f(x))
         best = min(best, time.perf_counter() - t)
-    return 2 * size**3 / best / 1e9
+    return best
+
+
+def matmul_rate(size: int = 1024, repeats: int = 10) -> float:
+    """Best float32 GFLOP/s of a jitted [size, size] @ [size, size] matmul (the machine's reachable rate)."""
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), jnp.float32)
+    return 2 * size**3 / best_seconds(jax.jit(lambda x: x @ x), a, repeats) / 1e9
 
 
 def exp_rate(size: int = 2**20, terms: int = 16, repeats: int = 10) -> float:
@@ -229,14 +234,7 @@ def exp_rate(size: int = 2**20, terms: int = 16, repeats: int = 10) -> float:
             total = total + jnp.exp(scale * x)
         return total
 
-    f = jax.jit(exponentials).lower(x).compile()
-    jax.block_until_ready(f(x))
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(f(x))
-        best = min(best, time.perf_counter() - t)
-    return size * terms / best / 1e9
+    return size * terms / best_seconds(jax.jit(exponentials), x, repeats) / 1e9
 
 
 def utilization(flops: float, seconds: float, rate_gflops: float) -> float:
