@@ -159,9 +159,9 @@ def test_windowed_block_alone(x64):
     q, k, v, gamma, lattice, frac = floats
     shifts = translation_grid(RANGES)
     args = (lattice, frac, mask, k, v, frac, q, gamma, box)
-    windowed = jax.vmap(_make_block(shifts, WINDOW_CENTERS, WINDOW_WIDTH, True, True, WINDOW))
-    whole = jax.vmap(_make_block(shifts, WINDOW_CENTERS, WINDOW_WIDTH, True, True))
-    too_small = jax.vmap(_make_block(shifts, WINDOW_CENTERS, WINDOW_WIDTH, True, True, (1, 1, 1)))
+    windowed = jax.vmap(_make_block(shifts, WINDOW_CENTERS, WINDOW_WIDTH, True, (0, 1, 2), WINDOW))
+    whole = jax.vmap(_make_block(shifts, WINDOW_CENTERS, WINDOW_WIDTH, True, (0, 1, 2)))
+    too_small = jax.vmap(_make_block(shifts, WINDOW_CENTERS, WINDOW_WIDTH, True, (0, 1, 2), (1, 1, 1)))
     (v_win, b_win), (_, b_all), (_, b_small) = windowed(*args), whole(*args), too_small(*args)
     want_v, want_b = reference(q, k, v, gamma, lattice, frac, mask, box, True, WINDOW_CENTERS, WINDOW_WIDTH)
     np.testing.assert_allclose(v_win, want_v, rtol=1e-12, atol=1e-14)
@@ -206,6 +206,34 @@ def test_smaller_grids_equal_the_whole_grid(chunk_size, x64):
     assert_same_value_and_gradients(loss, ours, theirs, floats)
     with pytest.raises(ValueError, match="grow towards"):
         periodic_attention(*floats[:6], mask, ranges=RANGES, box=box, centers=CENTERS, width=WIDTH, grids=grids[::-1])
+
+
+@pytest.mark.parametrize("window", [None, WINDOW])
+def test_box_floor_skips_only_redundant_box_tests(window, x64):
+    """Boxes raised to the floor 1: crystal 0 runs on the grid (1, 1, 1), which then needs no box test, the others on
+    (2, 1, 2), which needs it on axes 0 and 2 only (boxes 1 or 2 there); equal to the reference with the raised
+    boxes, with and without a basis window."""
+    floats, mask, box = inputs(scales=(4.0, 4.0, 4.0), rattle=0.05)
+    box = box.at[0].set(jnp.minimum(box[0], 1))
+    raised = jnp.maximum(box, 1)
+    assert set(np.unique(raised[1:, :, :, [0, 2]]).tolist()) == {1, 2}
+    args = dict(ranges=RANGES, window=window, grids=((1, 1, 1),))
+    cutoff = basis_cutoff(WINDOW_CENTERS, WINDOW_WIDTH)
+    taken = crystal_branches(floats[4], mask, raised, cutoff=cutoff, per_block=1, **args)
+    branches = attention_branches(RANGES, args["grids"], window)[0]
+    assert [branches[i].grid for i in taken] == [(1, 1, 1), RANGES, RANGES]
+    loss = probe_loss(mask, len(WINDOW_CENTERS))
+
+    def ours(q, k, v, gamma, lattice, frac):
+        return periodic_attention(
+            q, k, v, gamma, lattice, frac, mask, box=box, box_floor=1, centers=WINDOW_CENTERS, width=WINDOW_WIDTH,
+            **args,
+        )  # fmt: skip
+
+    def theirs(q, k, v, gamma, lattice, frac):
+        return reference(q, k, v, gamma, lattice, frac, mask, raised, True, WINDOW_CENTERS, WINDOW_WIDTH)
+
+    assert_same_value_and_gradients(loss, ours, theirs, floats)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 5])

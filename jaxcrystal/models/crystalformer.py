@@ -367,6 +367,7 @@ class PeriodicAttention(nn.Module):
             chunk_size=self.chunk_size,
             window=self.basis_window,
             grids=self.grids,
+            box_floor=cfg.lattice_range,
         )
         out = agg_v + jnp.einsum("bnhk,hck->bnhc", agg_basis, pe_proj, precision=HIGHEST)
         out = nn.DenseGeneral(cfg.model_dim, axis=(-2, -1), name="out", precision=HIGHEST, param_dtype=h.dtype)(out)

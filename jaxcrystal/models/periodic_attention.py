@@ -135,10 +135,12 @@ def _window_geometry(lattice, frac_diff, offsets, full_axes, ranges, cutoff: flo
     return first, translations, r, jnp.sum(r * r, axis=-1)
 
 
-def _inside_box(box, translations):
-    """Translations inside each (query, head) box: [Q, H, 1, M] for shared translations [M, 3], [Q, H, N, M] for
-    per-pair translations [Q, N, M, 3] (floats); box [Q, H, 3] int half-widths."""
-    box = box.astype(translations.dtype)
+def _inside_box(box, translations, axes):
+    """Translations inside each (query, head) box on `axes` (a non-empty static tuple of axes; the box holds every
+    translation on the others): [Q, H, 1, M] for shared translations [M, 3], [Q, H, N, M] for per-pair
+    translations [Q, N, M, 3] (floats); box [Q, H, 3] int half-widths."""
+    axes = list(axes)
+    box, translations = box[..., axes].astype(translations.dtype), translations[..., axes]
     if translations.ndim == 2:
         return jnp.all(jnp.abs(translations)[None, None] <= box[:, :, None, :], axis=-1)[:, :, None, :]
     return jnp.all(jnp.abs(translations)[:, None] <= box[:, :, None, None, :], axis=-1)
@@ -157,13 +159,13 @@ def _geometry_vjp(lattice, frac_diff, shared_shifts, g_r):
     return g_lattice, jnp.einsum("qnd,cd->qnc", g_pair, lattice, precision=HIGHEST)
 
 
-def _make_block(shifts, centers, width: float, exact_basis_gradient: bool, with_box: bool, window=None):
+def _make_block(shifts, centers, width: float, exact_basis_gradient: bool, box_axes: tuple, window=None):
     """The attention of Q query atoms of one crystal, with a hand-written backward pass (`jax.custom_vjp`).
 
     The returned function maps
       lattice [3, 3] rows Å; keys frac_k [N, 3], mask_k [N] bool, k [N, H, D], v [N, H, D];
-      queries frac_q [Q, 3], q [Q, H, D], gamma [Q, H] Å⁻² (negative), box [Q, H, 3] int (ignored unless
-      `with_box`: per-query, per-head translation half-widths)
+      queries frac_q [Q, 3], q [Q, H, D], gamma [Q, H] Å⁻² (negative), box [Q, H, 3] int (per-query, per-head
+      translation half-widths, tested on `box_axes` only: none when it is empty)
     to (agg_v [Q, H, D], agg_basis [Q, H, K]).
 
     The softmax over (key n, translation m) is taken in two stages, as upstream writes it: per pair
@@ -202,7 +204,7 @@ def _make_block(shifts, centers, width: float, exact_basis_gradient: bool, with_
 
     def box_geometry(lattice, frac_k, frac_q, box):
         frac_diff, r, d2 = _geometry(lattice, frac_k, frac_q, shifts)
-        inside = _inside_box(box, shifts.astype(d2.dtype)) if with_box else None
+        inside = _inside_box(box, shifts.astype(d2.dtype), box_axes) if box_axes else None
         return frac_diff, r, d2, jnp.min(d2, axis=-1), inside
 
     def basis_triples(lattice, gamma, box, frac_diff, r, d2, d2_min, inside, pair_total):
@@ -212,8 +214,8 @@ def _make_block(shifts, centers, width: float, exact_basis_gradient: bool, with_
             return frac_diff, shifts, r, d2, pair_factors(gamma, d2, d2_min, inside) / pair_total[..., None]
         first, translations, r, d2 = _window_geometry(lattice, frac_diff, offsets, full_axes, ranges, cutoff)
         valid = jnp.all(jnp.abs(translations) <= ranges, axis=-1)[:, None]  # in the grid, [Q, 1, N, W]
-        if with_box:
-            valid = valid & _inside_box(box, translations)
+        if box_axes:
+            valid = valid & _inside_box(box, translations, box_axes)
         factors = jnp.exp(gamma[:, :, None, None] * (d2 - d2_min[..., None])[:, None])
         return frac_diff + first, offsets, r, d2, jnp.where(valid, factors, 0.0) / pair_total[..., None]
 
@@ -441,6 +443,7 @@ def periodic_attention(
     chunk_size=None,
     window=None,
     grids=(),
+    box_floor: int = 0,
 ):
     """Infinitely connected attention of every atom, aggregated before any projection.
 
@@ -458,6 +461,9 @@ def periodic_attention(
         per axis around each pair (`_make_block`); size it with `window_size`.
       grids: static smaller grids ((R_1, R_2, R_3), ...), each within the next and within `ranges`; only with
         `box`.
+      box_floor: static int, boxes are raised to at least this half-width on every axis (Crystalformer's
+        `lattice_range`). On the axes where a branch's grid equals it, every box that fits the grid equals it, so
+        the per-translation box test is left out there (on a (2, 2, 2) grid with floor 2: no test at all).
 
     Each block of crystals runs the first of `attention_branches` (grid, window) that evaluates all of its crystals
     exactly (`branch_fits`, `lax.switch`): a smaller grid when every box fits it (the translations left out lie
@@ -471,6 +477,7 @@ def periodic_attention(
     num_crystals, num_atoms, num_heads, head_dim = q.shape
     ranges = tuple(int(r) for r in ranges)
     cutoff = basis_cutoff(centers, width)
+    box = None if box is None else jnp.maximum(box, box_floor)
     branches, axes, lattice, box, fits = _branch_plan(lattice, mask, box, ranges, cutoff, window, grids)
     if axes is not None:
         frac = jnp.take_along_axis(frac, axes[:, None, :], axis=2)
@@ -513,8 +520,9 @@ def periodic_attention(
     block_levels = first_fit(jnp.all(crystal_blocks(fits, True), axis=1))  # [crystal blocks]
 
     def branch_fn(branch):
+        box_axes = tuple(d for d in range(3) if use_box and branch.grid[d] > box_floor)
         block = jax.vmap(
-            _make_block(translation_grid(branch.grid), centers, width, exact_basis_gradient, use_box, branch.window)
+            _make_block(translation_grid(branch.grid), centers, width, exact_basis_gradient, box_axes, branch.window)
         )
         return lambda crystal_keys, query_rows: jax.lax.map(lambda rows: block(*crystal_keys, *rows), query_rows)
 
