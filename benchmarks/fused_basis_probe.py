@@ -1,0 +1,123 @@
+"""How fast could a hand-written kernel run Crystalformer's basis aggregation? An experiment beside the benchmarks.
+
+    python benchmarks/fused_basis_probe.py                 # one block of the 8x135 benchmark: 7 x 135 x 27 triples
+    python benchmarks/fused_basis_probe.py --window 125 --json probe.json
+
+The forward basis aggregation of one attention block (Q query atoms, N key atoms, W window translations, H = 8
+heads, the default K = 64 Gaussians),
+    out[q,h,k] = Σ_{n,w} inside · coef[q,h,n] · exp(γ[q,h] (d²[q,n,w] - d²_min[q,n])) · φ_k(√d²[q,n,w]),
+as `jaxcrystal.models.periodic_attention` writes it (XLA, jit, jaxcrystal's compiler options, both cores), against
+the same function as one C++ loop nest (`fused_basis_probe.cc`, compiled here with g++ -O3 -march=native
+-ffast-math and glibc's vector exp; one core), on the same random inputs of realistic ranges (distances up to 20 Å,
+γ in [-0.5, -0.02] Å⁻², 90 % of the triples inside their box). The C++ loop also runs with only the 32 Gaussians
+nearest each distance (the others are below e⁻⁴⁰). Printed: best time of `--repeats` calls, XLA time / this time,
+the largest difference from XLA relative to XLA's largest value, and the time the loop's exponentials alone take
+at the exp rate measured in this run (`common.exp_rate`, two cores; halve it for one). Needs g++ and glibc's
+libmvec; jaxcrystal does not use this code.
+"""
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxcrystal.compile_options import compiler_options  # noqa: E402
+from jaxcrystal.models.crystalformer import CrystalformerConfig  # noqa: E402
+from jaxcrystal.models.periodic_attention import HIGHEST, gaussian_basis, safe_sqrt  # noqa: E402
+
+SOURCE = Path(__file__).resolve().parent / "fused_basis_probe.cc"
+COMPILE = ["g++", "-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp-simd"]
+NEAR = 32  # Gaussians per triple in the C++ loop's "near" variant
+COLUMNS = [
+    ("variant", "variant", ""),
+    ("threads", "threads", ""),
+    ("ms", "ms per block", ".3f"),
+    ("xla_over", "XLA / this", ".2f"),
+    ("max_rel_diff", "max |Δ| / max", ".1e"),
+    ("exp_ms", "its exps at the exp rate, ms", ".3f"),
+]
+
+
+def inputs(queries: int, atoms: int, window: int, heads: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    d2min = rng.uniform(0, 100, (queries, atoms))
+    d2 = d2min[..., None] + rng.uniform(0, 300, (queries, atoms, window))
+    gamma = rng.uniform(-0.5, -0.02, (queries, heads))
+    coef = rng.uniform(0, 2.0 / atoms, (queries, heads, atoms))
+    inside = rng.uniform(size=(queries, heads, atoms, window)) < 0.9
+    return tuple(np.asarray(x, np.float32) for x in (coef, gamma, d2, d2min, inside))
+
+
+def xla_aggregate(centers, width):
+    def aggregate(coef, gamma, d2, d2min, inside):
+        basis = gaussian_basis(safe_sqrt(d2), centers, width)  # [Q, N, W, K]
+        weights = inside * coef[..., None] * jnp.exp(gamma[:, :, None, None] * (d2 - d2min[..., None])[:, None])
+        return jnp.einsum("qhnw,qnwk->qhk", weights, basis, precision=HIGHEST)
+
+    return aggregate
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--queries", type=int, default=7, help="query atoms per block")
+    parser.add_argument("--atoms", type=int, default=135)
+    parser.add_argument("--window", type=int, default=27, help="translations per atom pair")
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    if shutil.which("g++") is None:
+        print("g++ not found: this probe compiles a C++ loop (apt install g++); nothing measured")
+        return 1
+    info = common.machine()
+    print(f"{info['date']}  {info['cpu']}, {info['cores']} cores, jax {info['jax']} on {info['platform']}")
+    centers, width = CrystalformerConfig().basis(0)
+    heads = 8
+    arrays = inputs(args.queries, args.atoms, args.window, heads)
+
+    compiled = jax.jit(xla_aggregate(centers, width), compiler_options=compiler_options())
+    compiled = compiled.lower(*arrays).compile()
+    reference = np.asarray(compiled(*arrays))
+    xla_s = common.steady(compiled, arrays, args.repeats)["min_s"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        binary, data, result = (str(Path(tmp) / name) for name in ("probe", "in.bin", "out.bin"))
+        widths = [f"-DPROBE_HEADS={heads}", f"-DPROBE_BASIS={len(centers)}"]
+        build = subprocess.run([*COMPILE, *widths, str(SOURCE), "-o", binary, "-lmvec"], capture_output=True, text=True)
+        if build.returncode != 0:
+            print(f"compiling {SOURCE.name} failed:\n{build.stderr.strip()}")
+            return 1
+        header = np.asarray([args.queries, args.atoms, args.window, 1 / width, np.diff(centers).mean()], np.float32)
+        np.concatenate([header, np.asarray(centers, np.float32)] + [a.ravel() for a in arrays]).tofile(data)
+        run = subprocess.run([binary, data, result, str(args.repeats)], capture_output=True, text=True, check=True)
+        seconds = dict(line.split() for line in run.stdout.split("\n") if line)
+        outputs = np.fromfile(result, np.float32).reshape((2,) + reference.shape)
+
+    triples = args.queries * args.atoms * args.window
+    exps = common.exp_rate()
+    scale = float(np.abs(reference).max())
+    rows = [{"variant": "XLA", "threads": 2, "ms": xla_s * 1e3, "xla_over": 1.0, "max_rel_diff": 0.0}]
+    rows[0]["exp_ms"] = triples * (len(centers) + heads) / exps / 1e6
+    for (name, gaussians), out in zip((("all", len(centers)), ("near", NEAR)), outputs, strict=True):
+        row = {"variant": f"C++ loop, {gaussians} Gaussians", "threads": 1, "ms": float(seconds[name]) * 1e3}
+        row["xla_over"] = xla_s / float(seconds[name])
+        row["max_rel_diff"] = float(np.abs(out - reference).max()) / scale
+        row["exp_ms"] = triples * (gaussians + heads) / exps / 1e6
+        rows.append(row)
+    print(f"one block: {args.queries} queries x {args.atoms} atoms x {args.window} translations, H = {heads}, "
+          f"K = {len(centers)}; exp rate {exps:.1f} G/s (two cores)")  # fmt: skip
+    common.print_table(rows, COLUMNS)
+    common.write_json(args.json, {"machine": info, "args": vars(args), "exp_gps": exps, "results": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
