@@ -5,7 +5,7 @@
 //   out[q,h,k] = sum_{n,w} inside[q,h,n,w] coef[q,h,n] exp(gamma[q,h] (d2[q,n,w] - d2min[q,n])) phi_k(sqrt(d2[q,n,w]))
 //   phi_k(d) = exp(-(d - mu_k)^2 / (2 s^2))
 // in one loop nest: per (query, key) the exponentials of the W x K Gaussians and W x H weights in two vector loops,
-// then the accumulation into out[q] (H x K). Variant "near": only the G Gaussians nearest each distance (the others
+// then the accumulation into out[q] (H x K). Variant "near": only the kNearCount (32) Gaussians nearest each distance (the others
 // are below e^-40 for the default basis). One thread.
 // Usage: fused_basis_probe IN OUT REPEATS; prints "variant best-seconds" per variant.
 #include <algorithm>

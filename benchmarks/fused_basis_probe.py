@@ -12,8 +12,8 @@ the same function as one C++ loop nest (`fused_basis_probe.cc`, compiled here wi
 γ in [-0.5, -0.02] Å⁻², 90 % of the triples inside their box). The C++ loop also runs with only the 32 Gaussians
 nearest each distance (the others are below e⁻⁴⁰). Printed: best time of `--repeats` calls, XLA time / this time,
 the largest difference from XLA relative to XLA's largest value, and the time the loop's exponentials alone take
-at the exp rate measured in this run (`common.exp_rate`, two cores; halve it for one). Needs g++ and glibc's
-libmvec; jaxcrystal does not use this code.
+at the exp rate of both cores measured in this run (`common.exp_rate`; on one core, about twice as long). Needs g++
+and glibc's libmvec; jaxcrystal does not use this code.
 """
 
 import argparse
