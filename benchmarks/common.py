@@ -276,6 +276,9 @@ def machine() -> dict:
         "jax": jax.__version__,
         "python": platform.python_version(),
         "load_average_1min": os.getloadavg()[0],
+        # `jaxcrystal.host_memory`: on unless JAXCRYSTAL_KEEP_HOST_BUFFERS=0; it turns JAX's async CPU dispatch off
+        "keep_host_buffers": os.environ.get("JAXCRYSTAL_KEEP_HOST_BUFFERS", "1") != "0",
+        "async_cpu_dispatch": jax.config.read("jax_cpu_enable_async_dispatch"),
     }
 
 

@@ -1,5 +1,6 @@
 """jaxcrystal: a JAX-native differentiable crystal optimizer (SMOACS) with Flax property predictors."""
 
+from jaxcrystal import host_memory
 from jaxcrystal.compile_options import compiler_options
 from jaxcrystal.crystal import CrystalBatch, lattice_from_parameters, lattice_to_parameters
 from jaxcrystal.errors import (
@@ -9,7 +10,11 @@ from jaxcrystal.errors import (
     JaxCrystalError,
     StructureError,
 )
+from jaxcrystal.host_memory import keep_host_buffers
 from jaxcrystal.predictors import Predictor, load_predictor
+
+# Importing is free of JAX computations, so this still precedes JAX's CPU threads (see `jaxcrystal.host_memory`).
+host_memory.apply_default()
 
 __all__ = [
     "CheckpointError",
@@ -20,6 +25,7 @@ __all__ = [
     "Predictor",
     "StructureError",
     "compiler_options",
+    "keep_host_buffers",
     "lattice_from_parameters",
     "lattice_to_parameters",
     "load_predictor",
