@@ -309,6 +309,7 @@ def build_graph(
     degree: int | None = None,
     box=3,
     atom_chunk: int = 32,
+    smaller_boxes="auto",
 ) -> AlignnGraph:
     """Upstream ALIGNN graph + line graph for a batch, inside `jit` (static shapes, see the module docstring).
 
@@ -324,6 +325,8 @@ def build_graph(
         `default_degree(N)`.
       box: static image box of the neighbour search (`jaxcrystal.geometry`).
       atom_chunk: atoms searched at once per crystal (memory knob).
+      smaller_boxes: True, False or "auto": search the half box where it suffices (same graph, see
+        `nearest_neighbors`).
     Returns:
       `AlignnGraph` with [B, D*N] edge leaves, [B, D^2*N] line-graph leaves and overflow [B].
     """
@@ -331,7 +334,14 @@ def build_graph(
     n_atoms = frac.shape[1]
     e_cap, t_cap = capacities(n_atoms, degree, canonize)
     nbr = geometry.nearest_neighbors(
-        lattice, frac, mask, cutoff=CUTOFF, capacity=neighbor_capacity + 1, box=box, atom_chunk=atom_chunk
+        lattice,
+        frac,
+        mask,
+        cutoff=CUTOFF,
+        capacity=neighbor_capacity + 1,
+        box=box,
+        atom_chunk=atom_chunk,
+        smaller_boxes=smaller_boxes,
     )
 
     def one(nb, m):

@@ -366,6 +366,10 @@ def test_unknown_predictor_kind_source_and_options():
         load_predictor("cgcnn", "band-gaps")
     with pytest.raises(ConfigError, match=r"unknown CGCNN option\(s\) \['truncation'\]"):
         load_predictor("cgcnn", "band-gap", truncation="fixed")
+    with pytest.raises(ConfigError, match="smaller_boxes must be True, False or 'auto', got 'no'"):
+        load_predictor("cgcnn", "band-gap", smaller_boxes="no")
+    with pytest.raises(ConfigError, match="smaller_boxes must be True, False or 'auto', got 1"):
+        load_predictor("alignn", "unused.npz", smaller_boxes=1)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -149,3 +149,58 @@ def test_bond_distances_gradient_is_finite_with_zero_length_unused_slots(x64):
     lower[1, 2] -= eps
     fd = (total(lattice[None], bumped[None]) - total(lattice[None], lower[None])) / (2 * eps)
     np.testing.assert_allclose(g_frac[0, 1, 2], fd, rtol=1e-7)
+
+
+def test_box_ladder_and_levels():
+    assert geometry.box_ladder(5) == [(3, 3, 3), (5, 5, 5)]
+    assert geometry.box_ladder((1, 3, 2)) == [(1, 2, 1), (1, 3, 2)]
+    assert geometry.box_ladder(1) == [(1, 1, 1)]
+    cubic = lambda a: np.eye(3) * a  # noqa: E731
+    # 8 Å cutoff: the (3, 3, 3) half box serves cells with 3 h > 8 (with the slack); 8 / 3 Å is not enough
+    lattices = [cubic(9.0), cubic(4.1), cubic(3.0), cubic(2.0), np.diag([9.0, 9.0, 2.5]), cubic(8 / 3), cubic(2.7)]
+    levels = geometry.box_levels(jnp.asarray(np.stack(lattices)), 8.0, geometry.box_ladder(5))
+    np.testing.assert_array_equal(np.asarray(levels), [0, 0, 0, 1, 1, 1, 0])
+
+
+def test_auto_ladder_only_for_large_searches():
+    # 128 x 5 atoms in the (5, 5, 5) box: 3.2 M candidate distances, one box; 128 x 135 in (2, 2, 2): 149 M, two
+    assert geometry.search_ladder(5, 128, 5) == [(5, 5, 5)]
+    assert geometry.search_ladder(2, 128, 135) == [(1, 1, 1), (2, 2, 2)]
+    assert geometry.search_ladder(5, 128, 5, smaller_boxes=True) == [(3, 3, 3), (5, 5, 5)]
+    assert geometry.search_ladder(2, 128, 135, smaller_boxes=False) == [(2, 2, 2)]
+    assert geometry.search_ladder(1, 128, 135) == [(1, 1, 1)]
+
+
+@pytest.mark.parametrize("crystal_chunk", [1, 3, 8])
+def test_smaller_boxes_give_the_whole_box_result_bit_for_bit(crystal_chunk):
+    """Cells from 2.2 to 12 Å, sheared, with padding atoms, searched in a (5, 5, 5) box: each chunk takes the
+    half box when it suffices for all of its cells, and every leaf equals that of the search over the whole box.
+    160 slots, so that some rows hold every candidate within the cutoff (a box too small would lose some)."""
+    rng = np.random.default_rng(7)
+    lengths = [2.2, 12.0, 4.5, 3.1, 9.0, 6.0, 2.6]
+    lattices = [np.eye(3) * a + rng.normal(0, 0.15 * a, (3, 3)) for a in lengths]
+    # one real atom in cubic cells of 2.6 and 2.665 Å: they need the (4, 4, 4) box; the (3, 3, 3) one would lose
+    # images at 7.8-8 Å (the self-images at 3 x 2.6 and 3 x 2.665 = 7.995 Å among them), and their rows are not full
+    lattices = np.stack(lattices + [np.eye(3) * 2.6, np.eye(3) * 2.665])
+    frac = rng.uniform(-0.5, 1.5, (len(lattices), 4, 3))
+    mask = np.ones((len(lattices), 4), bool)
+    mask[1, 3] = mask[4, 2:] = mask[-2:, 1:] = False
+    levels = np.asarray(geometry.box_levels(jnp.asarray(lattices, jnp.float32), 8.0, geometry.box_ladder(5)))
+    assert set(levels.tolist()) == {0, 1}  # the chunks do take different boxes
+
+    def search(smaller):
+        return jax.jit(
+            lambda lat, fr, m: geometry.nearest_neighbors(
+                lat, fr, m, capacity=160, box=5, atom_chunk=3, crystal_chunk=crystal_chunk, smaller_boxes=smaller
+            )
+        )(jnp.asarray(lattices, jnp.float32), jnp.asarray(frac, jnp.float32), mask)
+
+    adaptive, whole = search(True), search(False)
+    valid = np.asarray(whole.valid)
+    assert not np.asarray(whole.overflow).any()
+    assert not valid[-2:, 0].all(axis=-1).any() and levels[-2:].tolist() == [1, 1]  # rows that end before the slots
+    for field, a, b in zip(geometry.NeighborList._fields, adaptive, whole, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=field)
+    # and an insufficient box still reports its overflow
+    small = geometry.nearest_neighbors(jnp.asarray(lattices), jnp.asarray(frac), mask, box=3)
+    np.testing.assert_array_equal(np.asarray(small.overflow), levels > 0)

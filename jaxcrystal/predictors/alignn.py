@@ -13,6 +13,9 @@ Options:
   degree: per-atom degree budget D: edge capacity D*N, line-graph capacity D^2*N (default
     `jaxcrystal.alignn_graph.default_degree(N, canonize)`).
   atom_chunk: atoms searched at once per crystal (neighbour-search memory knob, default 32).
+  smaller_boxes: True: each chunk of crystals searches the half image box when it suffices for its cells (the same
+    graph as the whole box, bit for bit, in less time, for one more compiled branch); False: always `image_box`;
+    "auto" (default): True for large searches (`jaxcrystal.geometry.AUTO_LADDER_CANDIDATES`).
   chunk_size: most crystals evaluated at once (default: as many as fit 2^18 line-graph slots; the batch is split
     into equal chunks of at most this size, so padding stays below one crystal per chunk); chunks run one after
     another under `jax.checkpoint`, so the backward pass keeps only one chunk's activations. Exact: candidates
@@ -36,7 +39,16 @@ from jaxcrystal.errors import ConfigError
 from jaxcrystal.models.alignn import ALIGNN
 from jaxcrystal.predictors.base import Predictor, check_variables
 
-_OPTIONS = ("image_box", "neighbor_capacity", "degree", "atom_chunk", "chunk_size", "remat", "member")
+_OPTIONS = (
+    "image_box",
+    "neighbor_capacity",
+    "degree",
+    "atom_chunk",
+    "smaller_boxes",
+    "chunk_size",
+    "remat",
+    "member",
+)
 TRIPLETS_PER_CHUNK = 1 << 18
 
 
@@ -150,6 +162,9 @@ def load(source, config=None, **options) -> Predictor:
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise ConfigError(f"unknown ALIGNN option(s) {unknown}; expected {', '.join(_OPTIONS)}")
+    smaller_boxes = options.get("smaller_boxes", "auto")
+    if not isinstance(smaller_boxes, bool) and smaller_boxes != "auto":
+        raise ConfigError(f"smaller_boxes must be True, False or 'auto', got {smaller_boxes!r}")
     variables, metadata = read(source, options.get("member"))
     module = ALIGNN(**metadata["hyperparameters"], remat=bool(options.get("remat", True)))
     check_variables(variables, _expected_variables(module), str(source))
@@ -160,6 +175,7 @@ def load(source, config=None, **options) -> Predictor:
         degree=options.get("degree"),
         box=geometry.normalize_box(options.get("image_box", 3)),
         atom_chunk=int(options.get("atom_chunk", 32)),
+        smaller_boxes=smaller_boxes,
     )
     chunk = options.get("chunk_size")
     apply_graph = functools.partial(apply_with_graph, module, None if chunk is None else int(chunk))

@@ -15,6 +15,9 @@ Options:
     bigger box gets `graph.overflow = True`.
   atom_chunk, crystal_chunk: atoms and crystals searched at once in the neighbour search (memory knobs,
     defaults 32 and 8; see `jaxcrystal.geometry.nearest_neighbors`).
+  smaller_boxes: True: each chunk of crystals searches the half image box when it suffices for its cells (the same
+    graph as the whole box, bit for bit, in less time, for one more compiled branch); False: always `image_box`;
+    "auto" (default): True for large searches (`jaxcrystal.geometry.AUTO_LADDER_CANDIDATES`).
 
 The graph (`build_graph`) is the upstream featurization: the 12 nearest neighbours within 8 Å (all periodic
 images, ties broken by neighbour index then translation), unused slots filled with the first atom and a
@@ -47,7 +50,7 @@ EMBEDDED = (
     "semi-metal-classification",
     "shear-moduli",
 )
-_OPTIONS = ("image_box", "atom_chunk", "crystal_chunk")
+_OPTIONS = ("image_box", "atom_chunk", "crystal_chunk", "smaller_boxes")
 
 
 def weights_dir() -> Path:
@@ -89,7 +92,9 @@ def _resolve(source) -> tuple[dict, dict]:
     return read_weights(io.BytesIO(blob), name=str(path))
 
 
-def build_graph(lattice, frac, mask, *, image_box=3, atom_chunk=32, crystal_chunk=8) -> geometry.NeighborList:
+def build_graph(
+    lattice, frac, mask, *, image_box=3, atom_chunk=32, crystal_chunk=8, smaller_boxes="auto"
+) -> geometry.NeighborList:
     """CGCNN topology: 12 nearest neighbours within 8 Å; [B, ...] leaves (see `geometry.NeighborList`)."""
     lattice, frac = jax.lax.stop_gradient(lattice), jax.lax.stop_gradient(frac)
     return geometry.nearest_neighbors(
@@ -101,6 +106,7 @@ def build_graph(lattice, frac, mask, *, image_box=3, atom_chunk=32, crystal_chun
         box=image_box,
         atom_chunk=atom_chunk,
         crystal_chunk=crystal_chunk,
+        smaller_boxes=smaller_boxes,
     )
 
 
@@ -132,10 +138,12 @@ def _expected_variables(module: CGCNN):
 
 
 @functools.cache
-def _functions(module: CGCNN, box: tuple[int, int, int], chunks: tuple[int, int]):
+def _functions(module: CGCNN, box: tuple[int, int, int], chunks: tuple[int, int], smaller_boxes):
     """(build_graph, apply_with_graph, apply) for one architecture and search setting; cached so that models
     with the same architecture share the same function objects (and hence `jax.jit` compilations)."""
-    build = functools.partial(build_graph, image_box=box, atom_chunk=chunks[0], crystal_chunk=chunks[1])
+    build = functools.partial(
+        build_graph, image_box=box, atom_chunk=chunks[0], crystal_chunk=chunks[1], smaller_boxes=smaller_boxes
+    )
     apply_with_graph = functools.partial(_apply_with_graph, module)
     return build, apply_with_graph, functools.partial(_apply, build, apply_with_graph)
 
@@ -149,17 +157,20 @@ def load(source, config=None, **options) -> Predictor:
         raise ConfigError(f"unknown CGCNN option(s) {unknown}; expected {', '.join(_OPTIONS)}")
     box = geometry.normalize_box(options.get("image_box", 3))
     chunks = (int(options.get("atom_chunk", 32)), int(options.get("crystal_chunk", 8)))
+    smaller_boxes = options.get("smaller_boxes", "auto")
+    if not isinstance(smaller_boxes, bool) and smaller_boxes != "auto":
+        raise ConfigError(f"smaller_boxes must be True, False or 'auto', got {smaller_boxes!r}")
     variables, metadata = _resolve(source)
     module = _module(metadata, source)
     expected = _expected_variables(module)
     unused = {"normalizer"} - set(expected)  # converted classifiers keep upstream's (unused) normalizer
     check_variables({k: v for k, v in variables.items() if k not in unused}, expected, str(source))
-    build, apply_with_graph, apply = _functions(module, box, chunks)
+    build, apply_with_graph, apply = _functions(module, box, chunks, smaller_boxes)
 
     def host_graph(lattice, frac, mask):  # the box sized for the given cells, never smaller than `box`
         needed = geometry.required_image_box(lattice, RADIUS)
         sized = tuple(max(a, b) for a, b in zip(box, needed, strict=True))
-        return _functions(module, sized, chunks)[0](lattice, frac, mask)
+        return _functions(module, sized, chunks, smaller_boxes)[0](lattice, frac, mask)
 
     return Predictor(
         kind="cgcnn",
@@ -170,5 +181,12 @@ def load(source, config=None, **options) -> Predictor:
         build_graph=build,
         apply_with_graph=apply_with_graph,
         host_graph=host_graph,
-        metadata={**metadata, "image_box": box, "atom_chunk": chunks[0], "crystal_chunk": chunks[1], "module": module},
+        metadata={
+            **metadata,
+            "image_box": box,
+            "atom_chunk": chunks[0],
+            "crystal_chunk": chunks[1],
+            "module": module,
+            "smaller_boxes": smaller_boxes,
+        },
     )
