@@ -231,8 +231,8 @@ def _crystal_neighbors(lattice, frac, mask, translations, subset, cutoff, capaci
 BOX_SLACK = 1e-4  # a smaller box is taken only when it holds the cutoff with this relative margin
 # smaller_boxes="auto" searches the half box only from this many candidate distances per search (B N^2 (2m)^3):
 # the half box is a second compiled branch (about 0.4 s per program on a 2-core CPU), which a 128 x 5-atom search
-# in the (5, 5, 5) box (3.2 M, about 10 ms per search) does not win back in a 200-step run; a 128 x 135-atom search
-# in the (2, 2, 2) box (149 M, about 0.55 s) gains 0.25 s per search.
+# in the (5, 5, 5) box (3.2 M, about 17 ms per search, 11 ms in the half box) did not win back in the 200-step main
+# job; a 128 x 135-atom search in the (2, 2, 2) box (149 M, about 0.57 s) gains 0.26 s per search.
 AUTO_LADDER_CANDIDATES = 2**24
 
 
