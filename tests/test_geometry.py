@@ -171,11 +171,13 @@ def test_auto_ladder_only_for_large_searches():
     assert geometry.search_ladder(1, 128, 135) == [(1, 1, 1)]
 
 
-@pytest.mark.parametrize("crystal_chunk", [1, 3, 8])
-def test_smaller_boxes_give_the_whole_box_result_bit_for_bit(crystal_chunk):
+@pytest.mark.parametrize("crystal_chunk, dtype", [(1, "float32"), (3, "float32"), (8, "float32"), (3, "float64")])
+def test_smaller_boxes_give_the_whole_box_result_bit_for_bit(crystal_chunk, dtype, request):
     """Cells from 2.2 to 12 Å, sheared, with padding atoms, searched in a (5, 5, 5) box: each chunk takes the
     half box when it suffices for all of its cells, and every leaf equals that of the search over the whole box.
     160 slots, so that some rows hold every candidate within the cutoff (a box too small would lose some)."""
+    if dtype == "float64":
+        request.getfixturevalue("x64")
     rng = np.random.default_rng(7)
     lengths = [2.2, 12.0, 4.5, 3.1, 9.0, 6.0, 2.6]
     lattices = [np.eye(3) * a + rng.normal(0, 0.15 * a, (3, 3)) for a in lengths]
@@ -185,7 +187,7 @@ def test_smaller_boxes_give_the_whole_box_result_bit_for_bit(crystal_chunk):
     frac = rng.uniform(-0.5, 1.5, (len(lattices), 4, 3))
     mask = np.ones((len(lattices), 4), bool)
     mask[1, 3] = mask[4, 2:] = mask[-2:, 1:] = False
-    levels = np.asarray(geometry.box_levels(jnp.asarray(lattices, jnp.float32), 8.0, geometry.box_ladder(5)))
+    levels = np.asarray(geometry.box_levels(jnp.asarray(lattices, dtype), 8.0, geometry.box_ladder(5)))
     assert set(levels.tolist()) == {0, 1}  # the chunks do take different boxes
 
     def search(smaller):
@@ -193,7 +195,7 @@ def test_smaller_boxes_give_the_whole_box_result_bit_for_bit(crystal_chunk):
             lambda lat, fr, m: geometry.nearest_neighbors(
                 lat, fr, m, capacity=160, box=5, atom_chunk=3, crystal_chunk=crystal_chunk, smaller_boxes=smaller
             )
-        )(jnp.asarray(lattices, jnp.float32), jnp.asarray(frac, jnp.float32), mask)
+        )(jnp.asarray(lattices, dtype), jnp.asarray(frac, dtype), mask)
 
     adaptive, whole = search(True), search(False)
     valid = np.asarray(whole.valid)
