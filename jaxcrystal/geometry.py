@@ -318,7 +318,7 @@ def nearest_neighbors(
     chunk = max(1, min(crystal_chunk, num_crystals))
     num_chunks = -(-num_crystals // chunk)
     overflow = jnp.any(jnp.asarray(box, lattice.dtype) * cell_heights(lattice) <= cutoff, axis=-1)
-    levels = box_levels(lattice, cutoff, ladder)
+    levels = box_levels(lattice, cutoff, ladder) if len(ladder) > 1 else jnp.zeros(num_crystals, jnp.int32)
     order = None
     if len(ladder) > 1 and chunk > 1:  # chunks of crystals that need the same box
         order = jnp.argsort(levels, stable=True)
