@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxcrystal.models.periodic_attention import (
+    AUTO_BLOCK_BYTES,
     Branch,
     _make_block,
     attention_branches,
@@ -171,14 +172,41 @@ def test_windowed_block_alone(x64):
 
 
 def test_block_plan_balances_blocks():
-    # 128 five-atom crystals, 125 translations, 64 basis functions, float32: at most 41 crystals fit 32 MiB;
-    # four blocks of 32 (no padding), not 41 + 41 + 41 + 5.
-    assert block_plan(128, 5, 125, 64, 4) == (32, 5)
+    # 128 five-atom crystals, 125 translations, 64 basis functions, float32: about 42 crystals take 32 MiB;
+    # four blocks of 32 (no padding), not 42 + 42 + 42 + 2.
+    assert block_plan(128, 5, 125, 64, 4, threads=1) == (32, 5)
     assert block_plan(8, 135, 125, 64, 4, chunk_size=100) == (1, 68)  # 2 blocks of 68 query rows for 135 atoms
     for b, chunk in [(7, 10), (100, 30), (128, 41), (3, 2)]:
         c, _ = block_plan(b, 1, 1, 1, 4, chunk_size=chunk)
         blocks = -(-b // c)
         assert c <= chunk and blocks == -(-b // min(chunk, b)) and blocks * c - b < blocks
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4, 6, 8, 16])
+@pytest.mark.parametrize(
+    "num_crystals, num_atoms, num_shifts", [(128, 5, 729), (128, 135, 125), (8, 135, 125), (3, 5, 125), (9, 60, 729)]
+)
+def test_automatic_blocks_are_split_evenly_over_threads(num_crystals, num_atoms, num_shifts, threads):
+    """Automatic blocks: as few as the byte budget allows, rounded to the multiple of the threads nearest it (when it
+    holds that many), with the outer dimension (crystals, or query atoms) a multiple of the threads."""
+    crystals, queries = block_plan(num_crystals, num_atoms, num_shifts, 64, 4, threads=threads)
+    rows = AUTO_BLOCK_BYTES / (num_atoms * num_shifts * 64 * 4)
+    whole = rows >= num_atoms
+    size, total, budget = (crystals, num_crystals, rows / num_atoms) if whole else (queries, num_atoms, rows)
+    assert (queries == num_atoms) if whole else (crystals == 1)
+    target = threads * round(budget / threads) if budget >= threads else max(1, int(budget))
+    blocks = -(-total // size)
+    assert blocks == -(-total // min(target, total))  # as few blocks as the (rounded) budget allows
+    if budget >= threads and size < total:
+        assert size % threads == 0 and blocks * size - total < blocks * threads
+    else:
+        assert blocks * size - total < blocks
+
+
+def test_automatic_query_blocks_rounded_up_to_a_crystal():
+    # 20 atoms, 343 translations: the budget is 19.1 query rows, the nearest even number a whole crystal.
+    assert block_plan(7, 20, 343, 64, 4, threads=2) == (1, 20)
+    assert block_plan(7, 20, 343, 64, 4, threads=1) == (1, 10)  # 19 rows: two blocks of 10
 
 
 @pytest.mark.parametrize("chunk_size", [5, 10])

@@ -27,6 +27,7 @@ per-query boxes, blocks of crystals whose boxes all fit a smaller grid than `ran
 """
 
 import math
+import os
 from typing import NamedTuple
 
 import jax
@@ -35,9 +36,10 @@ import numpy as np
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
-# Automatic block size: the number of query rows whose basis tensor φ [rows, N, M, K] fits this many bytes.
-# 32 MiB is 7 rows of a 135-atom crystal with 125 translations; on a 2-core CPU, 8 rows per block gave the fastest
-# forward+gradient of 2, 8 and 45 (`benchmarks/bench_crystalformer.py --chunk-size`). A GPU wants larger blocks.
+# Automatic block size: about the number of query rows whose basis tensor φ [rows, N, M, K] takes this many bytes
+# (rounded to a multiple of the CPU threads, see `block_plan`). 32 MiB is 7.8 rows of a 135-atom crystal with 125
+# translations; on 2-core CPUs 4-8 rows per block gave the fastest forward+gradient of 1 to 45
+# (`benchmarks/bench_crystalformer.py --chunk-size`). A GPU wants larger blocks.
 AUTO_BLOCK_BYTES = 32 * 2**20
 
 _MASKED_LOGIT = -1e30  # finite, so that fully masked (padding) rows stay NaN-free
@@ -297,22 +299,50 @@ def _make_block(shifts, centers, width: float, exact_basis_gradient: bool, box_a
     return block
 
 
-def block_plan(num_crystals: int, num_atoms: int, num_shifts: int, num_basis: int, itemsize: int, chunk_size=None):
+def cpu_threads() -> int:
+    """The threads XLA splits a loop over on the default backend: the schedulable CPUs on CPU, else 1."""
+    if jax.default_backend() != "cpu":
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def block_plan(
+    num_crystals: int, num_atoms: int, num_shifts: int, num_basis: int, itemsize: int, chunk_size=None, threads=None
+):
     """How the queries are split: (crystals per block C, query atoms per block Q).
 
-    `chunk_size` is the number of (crystal, query atom) rows per block; None picks the largest block whose basis
-    tensor φ [rows, N, M, K] fits `AUTO_BLOCK_BYTES`. A block holds whole crystals when `chunk_size >= N`,
-    otherwise a near-equal slice of one crystal's atoms; blocks are as equal as possible, so that padding stays
-    below one crystal (or atom) per block.
+    `chunk_size` is the number of (crystal, query atom) rows per block. A block holds whole crystals when
+    `chunk_size >= N`, otherwise a near-equal slice of one crystal's atoms; blocks are as equal as possible, so that
+    padding stays below one crystal (or atom) per block.
+
+    None picks the block whose basis tensor φ [rows, N, M, K] takes about `AUTO_BLOCK_BYTES`, with its outer
+    dimension (C, or Q when a block is a slice of one crystal) the multiple of `threads` (default: `cpu_threads()`)
+    nearest that budget, when the budget holds `threads` of them: XLA:CPU splits a block's loops over its threads
+    along that dimension, so an odd one leaves a thread idle part of the time. Measured on 2 threads (2026-12-05):
+    8 x 135 atoms forward+gradient with 7-row blocks (the budget's 7.8 rounded down) 2.83-2.89 s, with 6- and
+    8-row ones 2.48 and 2.55 s; one 1x1x1 Crystalformer optimization step (128 candidates) with blocks of 7 crystals
+    0.92-0.96 s, of 8 0.79 s. Padding then stays below `threads` crystals (or atoms) per block.
     """
+    align = 1  # the multiple the outer dimension is rounded to: `threads`, for automatic blocks only
     if chunk_size is None:
-        chunk_size = AUTO_BLOCK_BYTES // (num_atoms * num_shifts * num_basis * itemsize)
+        threads = cpu_threads() if threads is None else int(threads)
+        rows = AUTO_BLOCK_BYTES / (num_atoms * num_shifts * num_basis * itemsize)
+        unit = num_atoms if rows >= num_atoms else 1  # blocks of whole crystals, or of query atoms
+        units = rows / unit
+        if units >= threads:
+            align, units = threads, threads * round(units / threads)
+        chunk_size = max(1, int(units)) * unit
+        if chunk_size >= num_atoms > unit:  # atoms rounded up to one whole crystal per block
+            align = 1
     chunk_size = max(1, int(chunk_size))
-    if chunk_size >= num_atoms:
-        largest = max(1, min(num_crystals, chunk_size // num_atoms))
-        return math.ceil(num_crystals / math.ceil(num_crystals / largest)), num_atoms  # equal blocks, least padding
-    num_query_blocks = math.ceil(num_atoms / chunk_size)
-    return 1, math.ceil(num_atoms / num_query_blocks)
+    whole_crystals = chunk_size >= num_atoms
+    total = num_crystals if whole_crystals else num_atoms
+    size = max(1, min(total, chunk_size // num_atoms if whole_crystals else chunk_size))
+    aligned = size < total
+    size = math.ceil(total / math.ceil(total / size))  # equal blocks, least padding
+    if aligned:
+        size += -size % align
+    return (size, num_atoms) if whole_crystals else (1, size)
 
 
 def _check_grids(grids, ranges) -> list:
