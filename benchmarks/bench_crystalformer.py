@@ -3,7 +3,7 @@
     python benchmarks/bench_crystalformer.py                      # 128x5, 8x135, 32x135, 128x135
     python benchmarks/bench_crystalformer.py --cases 128x5 8x135 --truncation fixed --chunk-size 64 --json out.json
     python benchmarks/bench_crystalformer.py --ckpt megnet-bandgap-layer4.ckpt --config default.json
-    python benchmarks/bench_crystalformer.py --cases 8x135 --basis-window off   # the whole box, for comparison
+    python benchmarks/bench_crystalformer.py --cases 8x135 --basis-window off --softmax-window off   # whole box
 
 Per batch B x N (rattled perovskite supercells, soft species), in this process: compile time, the median and
 minimum of `--repeats` calls after a warm-up (forward; forward+gradient w.r.t. lattice, frac and species), XLA's
@@ -12,8 +12,9 @@ transcendentals and the utilization their mix allows (`common.mix_ceiling`, exp 
 the process peak RSS (monotone over the run: run one case per process for a clean figure).
 
 FLOPs: XLA's cost analysis counts a loop body once, and the attention runs as a loop over query blocks; so the
-FLOPs are those of one crystal compiled as a single block, times B (the work is linear in B). With a basis window
-(`--basis-window`, default: sized for the case's cells) they are the windowed branch's (`common.attention_branch`).
+FLOPs are those of one crystal compiled as a single block, times B (the work is linear in B). With windows
+(`--basis-window`, `--softmax-window`, default: sized for the case's cells) they are those of the first branch, the
+one with both windows (`common.attention_branch`).
 Without `--ckpt` the weights are random (default.json architecture; the cost does not depend on the values).
 """
 
@@ -27,7 +28,12 @@ import common  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxcrystal.models.crystalformer import CrystalformerConfig, required_range, required_window  # noqa: E402
+from jaxcrystal.models.crystalformer import (  # noqa: E402
+    CrystalformerConfig,
+    required_range,
+    required_softmax_window,
+    required_window,
+)
 from jaxcrystal.models.periodic_attention import AUTO_BLOCK_BYTES, block_plan  # noqa: E402
 from jaxcrystal.predictors.crystalformer import load, make_apply  # noqa: E402
 
@@ -35,6 +41,7 @@ COLUMNS = [
     ("case", "case", ""),
     ("blocks", "block (CxQ)", ""),
     ("basis_window", "basis window", ""),
+    ("softmax_window", "softmax window", ""),
     ("mode", "mode", ""),
     ("compile_s", "compile s", ".1f"),
     ("median_s", "run s", ".3f"),
@@ -68,6 +75,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--basis-window", default="auto", help="RBF basis window: auto (per batch), off (whole box), or an int"
     )
+    parser.add_argument(
+        "--softmax-window", default="auto", help="softmax window: auto (per batch), off (whole box), or an int"
+    )
     parser.add_argument("--ckpt", help="upstream .ckpt or converted .npz (default: random default.json weights)")
     parser.add_argument("--config", help="default.json for --ckpt")
     parser.add_argument("--repeats", type=int, default=2)
@@ -78,14 +88,11 @@ def main(argv=None) -> int:
 
     info = common.machine()
     print(f"{info['date']}  {info['cpu']}, {info['cores']} cores, jax {info['jax']} on {info['platform']}")
-    window = (
-        {"auto": "auto", "off": None}[args.basis_window]
-        if args.basis_window in ("auto", "off")
-        else int(args.basis_window)
-    )
+    window, softmax = ({"auto": "auto", "off": None}.get(w, w) for w in (args.basis_window, args.softmax_window))
+    window, softmax = (w if w in ("auto", None) else int(w) for w in (window, softmax))
     print(
         f"truncation={args.truncation} gradient={args.gradient} chunk_size={args.chunk_size or 'auto'} "
-        f"basis_window={args.basis_window}"
+        f"basis_window={args.basis_window} softmax_window={args.softmax_window}"
     )
     rows = []
     for case in args.cases:
@@ -102,8 +109,10 @@ def main(argv=None) -> int:
         num_shifts = int(np.prod([2 * r + 1 for r in shifts]))
         plan = block_plan(num_crystals, num_atoms, num_shifts, config.value_pe_dist_real, 4, args.chunk_size)
         case_window = required_window(batch[0], config) if window == "auto" else window  # static under jit
-        apply = make_apply(config, args.truncation, args.gradient, args.chunk_size, max_range, case_window)
-        one_block = make_apply(config, args.truncation, args.gradient, num_atoms, max_range, case_window)
+        case_softmax = required_softmax_window(batch[0], config) if softmax == "auto" else softmax
+        windows = dict(basis_window=case_window, softmax_window=case_softmax)
+        apply = make_apply(config, args.truncation, args.gradient, args.chunk_size, max_range, **windows)
+        one_block = make_apply(config, args.truncation, args.gradient, num_atoms, max_range, **windows)
         one = jax.tree.map(lambda x: x[:1], batch)
         for mode, fn in functions(apply, params, batch[3]).items():
             if mode not in args.modes:
@@ -117,9 +126,10 @@ def main(argv=None) -> int:
             timing = common.steady(compiled, batch[:3], args.repeats)
             row = {"case": case, "blocks": f"{plan[0]}x{plan[1]}", "mode": mode, "compile_s": compile_s, **timing}
             row.update(gflop=flops / 1e9, matmul_gflops=rate, temp_mb=temp / 2**20, max_range=max_range)
-            effective = [min(w, 2 * r + 1) for w, r in zip(case_window or (), shifts, strict=False)]
-            whole = not effective or effective == [2 * r + 1 for r in shifts]
-            row["basis_window"] = "box" if whole else "x".join(str(w) for w in effective)
+            for key, value in windows.items():
+                effective = [min(w, 2 * r + 1) for w, r in zip(value or (), shifts, strict=False)]
+                whole = not effective or effective == [2 * r + 1 for r in shifts]
+                row[key] = "box" if whole else "x".join(str(w) for w in effective)
             row["util"] = common.utilization(flops, timing["min_s"], rate)
             row.update(transcendentals_g=cost["transcendentals"] / 1e9, exp_gps=exps)
             row["ceiling"] = common.mix_ceiling(flops, cost["transcendentals"], rate, exps)

@@ -109,19 +109,26 @@ def compiled_loop(structure: str, candidates: int, setup: dict, segment: int, mo
     advance = lowered.compile()
     advance_s = time.perf_counter() - start
     tau = temperature(engine.loop.num_steps, *engine.loop.temperature)[0]  # the first step's
-    window, shares = attention_shares(engine, pz.decode(variables, problem, engine.loop.geometry, tau)[0])
+    windows, shares = attention_shares(engine, pz.decode(variables, problem, engine.loop.geometry, tau)[0])
     atoms = int(problem.atom_mask.shape[1])
-    return advance, params, state, (init_s, advance_s), engine.box, atoms, window, shares
+    return advance, params, state, (init_s, advance_s), engine.box, atoms, windows, shares
 
 
 def attention_shares(engine, crystal) -> tuple:
-    """(Crystalformer basis window or None, [B, branches]): per start candidate, the share of its Crystalformer
-    attention calls (models x layers) that run each of `attention_branches` in `periodic_attention` (grid and
-    basis window, see `crystal_branches`); ones in a single column without Crystalformer models."""
+    """({"basis_window": ..., "softmax_window": ...} of the Crystalformer models (None: the whole box), [B, branches]):
+    per start candidate, the share of its Crystalformer attention calls (models x layers) that run each of
+    `attention_branches` in `periodic_attention` (grid and windows, see `crystal_branches`); ones in a single column
+    without Crystalformer models."""
     from jaxcrystal.models.crystalformer import Crystalformer, intermediate_grids
-    from jaxcrystal.models.periodic_attention import attention_branches, basis_cutoff, block_plan, crystal_branches
+    from jaxcrystal.models.periodic_attention import (
+        attention_branches,
+        basis_cutoff,
+        block_plan,
+        crystal_branches,
+        softmax_reach,
+    )
 
-    window, counts = None, []
+    windows, counts = {"basis_window": None, "softmax_window": None}, []
     for model in engine.models.values():
         meta = model.predictor.metadata
         if model.predictor.kind != "crystalformer":
@@ -129,23 +136,28 @@ def attention_shares(engine, crystal) -> tuple:
         arch, adaptive = meta["config"], meta["truncation"] == "adaptive"
         grid = meta["max_range"] if adaptive else (arch.lattice_range,) * 3
         grids = intermediate_grids(grid, arch.lattice_range) if adaptive and meta["smaller_grids"] else ()
-        window = None if meta["basis_window"] == "auto" else meta["basis_window"]  # "auto" is the box under jit
-        module = Crystalformer(arch, meta["truncation"], meta["gradient"], grid, meta["chunk_size"], window)
+        window, softmax = (None if meta[key] == "auto" else meta[key] for key in windows)  # "auto": box under jit
+        windows = {"basis_window": window, "softmax_window": softmax}
+        module = Crystalformer(
+            arch, meta["truncation"], meta["gradient"], grid, meta["chunk_size"], window, softmax_window=softmax
+        )
         _, state = module.apply({"params": model.predictor.params}, *crystal, mutable=["intermediates"])
         num_crystals, num_atoms = crystal[3].shape
         shifts = int(np.prod([2 * r + 1 for r in grid]))
         per_block = block_plan(num_crystals, num_atoms, shifts, arch.value_pe_dist_real, 4, meta["chunk_size"])[0]
-        num_branches = len(attention_branches(grid, grids, window)[0])
+        num_branches = len(attention_branches(grid, grids, window, softmax)[0])
         for layer in range(arch.num_layers):
             cutoff = basis_cutoff(*arch.basis(layer))
             box = state["intermediates"][f"box_layer{layer}"][0] if adaptive else None
+            reach = softmax_reach(crystal[0], state["intermediates"][f"gamma_layer{layer}"][0], crystal[3])
             taken = crystal_branches(
-                crystal[0], crystal[3], box, ranges=grid, cutoff=cutoff, window=window, grids=grids, per_block=per_block
-            )
+                crystal[0], crystal[3], box, ranges=grid, cutoff=cutoff, window=window, grids=grids,
+                per_block=per_block, softmax_window=softmax, reach=reach,
+            )  # fmt: skip
             counts.append(np.eye(num_branches)[taken])
     if not counts:
-        return None, np.ones((crystal[0].shape[0], 1))
-    return window, np.mean(counts, axis=0)
+        return windows, np.ones((crystal[0].shape[0], 1))
+    return windows, np.mean(counts, axis=0)
 
 
 def measure_loop(structure: str, setup: dict, args, rate: float, exps: float) -> dict:
@@ -154,11 +166,11 @@ def measure_loop(structure: str, setup: dict, args, rate: float, exps: float) ->
     FLOPs: XLA's cost analysis counts a loop body once, and the step contains loops over attention blocks,
     ALIGNN chunks and neighbour-search chunks. So the FLOPs of one step are counted on a one-candidate loop
     compiled without any inner loop (`SINGLE_BLOCK` options) and multiplied by the number of candidates. For
-    Crystalformer, whose attention picks a branch (grid, basis window) per block, each branch that runs is counted
-    on its own (`common.attention_branch`) and weighted by the start candidates' attention calls that take it
-    (`attention_shares`).
+    Crystalformer, whose attention picks a branch (grid, basis and softmax windows) per block, each branch that
+    runs is counted on its own (`common.attention_branch`) and weighted by the start candidates' attention calls
+    that take it (`attention_shares`).
     """
-    advance, params, state, (init_s, advance_s), box, atoms, window, shares = compiled_loop(
+    advance, params, state, (init_s, advance_s), box, atoms, windows, shares = compiled_loop(
         structure, args.candidates, setup, args.segment
     )
     row = {"box": "x".join(str(m) for m in box), "atoms": atoms}
@@ -174,7 +186,7 @@ def measure_loop(structure: str, setup: dict, args, rate: float, exps: float) ->
     row["step_min_s"] = float(np.min(times))
     single = SINGLE_BLOCK[setup["model"]](atoms)
     if setup["model"] == "crystalformer":
-        single["basis_window"] = window  # the full run's, not one sized for the single candidate
+        single.update(windows)  # the full run's, not ones sized for the single candidate
         row["attention_branch_shares"] = shares.mean(axis=0).round(3).tolist()
     flops = transcendentals = 0.0
     for branch, weight in enumerate(shares.sum(axis=0)):

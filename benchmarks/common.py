@@ -192,7 +192,7 @@ def attention_branch(index: int):
     """
     from jaxcrystal.models import periodic_attention
 
-    def forced(branches, lattice, mask, box, cutoff):
+    def forced(branches, lattice, *args):
         return jnp.zeros((lattice.shape[0], len(branches)), bool).at[:, min(index, len(branches) - 1)].set(True)
 
     original = periodic_attention.branch_fits

@@ -20,10 +20,12 @@ from jaxcrystal.errors import CheckpointError, ConfigError
 from jaxcrystal.models.crystalformer import (
     Crystalformer,
     CrystalformerConfig,
+    cheapest_softmax_window,
     cheapest_window,
     intermediate_grids,
     range_overflow,
     required_range,
+    required_softmax_window,
     required_window,
 )
 from jaxcrystal.models.periodic_attention import basis_cutoff, crystal_branches
@@ -432,6 +434,44 @@ def test_basis_window_gives_the_whole_box_result(x64):
         make_apply(TOY, "fixed", basis_window=(4, 4))(toy_params(), *big)
     with pytest.raises(ConfigError, match="smaller_grids must be True or False, got 'no'"):
         jaxcrystal.load_predictor("crystalformer", "unused.npz", smaller_grids="no")
+
+
+def test_softmax_window_gives_the_whole_box_result(x64):
+    """The softmax window (auto, and static under jit next to a cell too small for it), alone and with a basis
+    window, vs the whole box: equal values and input gradients. TOY's flattest Gaussian reaches √(D² + 313.6) Å:
+    20.4 Å for a 12 Å cell (4 of the 5 translations), 19.5 Å for a 9 Å one (all 5)."""
+    big, small = toy_crystal(seed=1, n=5, a=12.0), toy_crystal(seed=2, n=5, a=9.0)
+    assert required_softmax_window(big[0], TOY) == (4, 4, 4) and required_softmax_window(small[0], TOY) == (5, 5, 5)
+    batch = tuple(np.concatenate(p) for p in zip(big, small, strict=True))
+    params = toy_params()
+    whole = functools.partial(make_apply(TOY, "fixed", basis_window=None, softmax_window=None), params)
+    auto = functools.partial(make_apply(TOY, "fixed", basis_window=None), params)
+    static = jax.jit(functools.partial(make_apply(TOY, "fixed", basis_window=None, softmax_window=4), params))
+    both = jax.jit(functools.partial(make_apply(TOY, "fixed", basis_window=4, softmax_window=4), params))
+
+    def grads(apply, *crystal):
+        return jax.grad(lambda la, fr, sp: apply(la, fr, sp, crystal[3]).sum(), argnums=(0, 1, 2))(*crystal[:3])
+
+    for apply, crystals in ((auto, big), (static, batch), (both, batch)):
+        np.testing.assert_allclose(apply(*crystals), whole(*crystals), rtol=1e-12)
+        for got, want in zip(grads(apply, *crystals), grads(whole, *crystals), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
+    with pytest.raises(ConfigError, match="softmax_window"):
+        make_apply(TOY, "fixed", softmax_window=(4, 4))(params, *big)
+
+
+def test_cheapest_softmax_window():
+    """12 Å cells need 4 translations per axis, 6 Å ones all 5: one crystal per block, S = 4 (3 x 64 + 125 <
+    4 x 125); all four in one block falls back: no window; a window saving less than a fifth: none; with one
+    short axis the (5, 4, 4) variant serves."""
+    cells = np.stack([np.eye(3) * 12.0] * 3 + [np.eye(3) * 6.0])
+    assert cheapest_softmax_window(cells, TOY, (2, 2, 2), 135, (4, 4, 4)) == (4, 4, 4)
+    assert cheapest_softmax_window(cells, TOY, (2, 2, 2), 5, (5, 5, 5)) is None
+    assert cheapest_softmax_window(cells[:3], TOY, (2, 2, 2), 5, None) == (4, 4, 4)
+    mostly_small = np.stack([np.eye(3) * 6.0] * 9 + [np.eye(3) * 12.0])
+    assert cheapest_softmax_window(mostly_small, TOY, (2, 2, 2), 135, (4, 4, 4)) is None
+    short = np.stack([np.diag([12.0, 6.0, 12.0]), np.diag([6.0, 12.0, 12.0])])
+    assert cheapest_softmax_window(short, TOY, (2, 2, 2), 135, (4, 4, 4)) == (4, 4, 4)
 
 
 def test_cheapest_window_weighs_fallback_blocks():

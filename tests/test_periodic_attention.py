@@ -20,6 +20,8 @@ from jaxcrystal.models.periodic_attention import (
     block_plan,
     crystal_branches,
     periodic_attention,
+    rounded_image_in_boxes,
+    softmax_reach,
     translation_grid,
     window_covers,
     window_size,
@@ -159,7 +161,7 @@ def test_windowed_block_alone(x64):
     floats, mask, box = inputs(scales=WINDOW_SCALES, rattle=0.1)
     q, k, v, gamma, lattice, frac = floats
     shifts = translation_grid(RANGES)
-    args = (lattice, frac, mask, k, v, frac, q, gamma, box)
+    args = (lattice, frac, mask, k, v, jnp.zeros(len(mask)), frac, q, gamma, box)
     windowed = jax.vmap(_make_block(shifts, WINDOW_CENTERS, WINDOW_WIDTH, True, (0, 1, 2), WINDOW))
     whole = jax.vmap(_make_block(shifts, WINDOW_CENTERS, WINDOW_WIDTH, True, (0, 1, 2)))
     too_small = jax.vmap(_make_block(shifts, WINDOW_CENTERS, WINDOW_WIDTH, True, (0, 1, 2), (1, 1, 1)))
@@ -290,3 +292,88 @@ def test_window_variants_for_short_axes(chunk_size, x64):
         return reference(q, k, v, gamma, lattice, frac, mask, box, True, WINDOW_CENTERS, WINDOW_WIDTH, ranges)
 
     assert_same_value_and_gradients(loss, ours, theirs, floats)
+
+
+# Softmax windows: γ in [-1, -0.2] Å⁻² reaches √(D² + 200) Å, 17-18 Å for the 12 Å cells, where a window of 3
+# translations per axis holds every image that close (the grid has 5 x 3 x 5); the 7 Å crystal needs 5.
+SOFTMAX_SCALES = (12.0, 12.5, 7.0)
+SOFTMAX_WINDOW = (3, 3, 3)
+
+
+def test_softmax_window_holds_every_non_negligible_image(x64):
+    """The bound itself, on skewed cells: every image whose factor exp(γ (d² - d²_min)) exceeds e⁻⁴⁰ for the
+    flattest head lies inside the window of the covered crystals, and many pairs keep more than one image."""
+    floats, mask, _ = inputs(scales=SOFTMAX_SCALES, rattle=1.0)
+    _, _, _, gamma, lattice, frac = floats
+    reach = softmax_reach(lattice, gamma, mask)
+    assert window_covers(lattice, SOFTMAX_WINDOW, reach).tolist() == [True, True, False]
+    shifts = translation_grid((4, 4, 4))
+    kept_more = 0
+    for b in range(2):
+        lat, f, flattest = np.asarray(lattice[b]), np.asarray(frac[b])[np.asarray(mask[b])], float(gamma[b].max())
+        diff = f[None, :, None, :] - f[:, None, None, :] + shifts  # [Q, N, M, 3]
+        d2 = np.sum((diff @ lat) ** 2, axis=-1)
+        kept = flattest * (d2 - d2.min(axis=-1, keepdims=True)) > -40
+        first = np.ceil(-(f[None, :] - f[:, None]) - float(reach[b]) * np.linalg.norm(np.linalg.inv(lat), axis=0))
+        offset = shifts[None, None] - first[:, :, None]
+        assert np.all(~kept | np.all((offset >= 0) & (offset < 3), axis=-1))
+        kept_more += int(np.sum(kept.sum(axis=-1) > 1))
+    assert kept_more > 10
+
+
+def test_rounded_image_in_boxes():
+    frac = jnp.asarray([[[0.1, 0.0, 0.0], [0.9, 0.6, 0.0]], [[0.0, 0.0, 0.0], [1.7, 0.0, 0.0]]])
+    mask = jnp.asarray([[True, True], [True, False]])
+    box = jnp.ones((2, 2, 1, 3), jnp.int32).at[0, 1, 0, 1].set(0)
+    assert rounded_image_in_boxes(frac, mask, None, (1, 1, 1)).tolist() == [True, True]
+    assert rounded_image_in_boxes(frac, mask, box, (1, 1, 1)).tolist() == [False, True]  # 0.6 needs a box of 1
+    assert rounded_image_in_boxes(frac, mask.at[1, 1].set(True), None, (1, 1, 1)).tolist() == [True, False]
+
+
+@pytest.mark.parametrize("window", [None, (2, 2, 2)])
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("chunk_size", [2, 5])
+def test_softmax_window_equals_the_whole_box(window, exact, chunk_size, x64):
+    """With a softmax window (with and without a basis window; boxes within the grid, raised to 1): the 12 Å
+    crystals take it, the 7 Å one falls back to the whole grid; values and gradients equal the reference."""
+    floats, mask, box = inputs(scales=SOFTMAX_SCALES, rattle=0.3)
+    box = jnp.minimum(box, jnp.asarray(RANGES, box.dtype))  # within the grid, so that smaller windows fit
+    raised = jnp.maximum(box, 1)
+    args = dict(ranges=RANGES, window=window, softmax_window=SOFTMAX_WINDOW)
+    cutoff = basis_cutoff(WINDOW_CENTERS, WINDOW_WIDTH)
+    reach = softmax_reach(floats[4], floats[3], mask)
+    taken = crystal_branches(floats[4], mask, raised, cutoff=cutoff, per_block=1, reach=reach, **args)
+    branches = attention_branches(RANGES, (), window, SOFTMAX_WINDOW)[0]
+    assert [branches[i].softmax_window for i in taken] == [SOFTMAX_WINDOW] * 2 + [None]
+    loss = probe_loss(mask, len(WINDOW_CENTERS))
+
+    def ours(q, k, v, gamma, lattice, frac):
+        return periodic_attention(
+            q, k, v, gamma, lattice, frac, mask, box=box, box_floor=1, centers=WINDOW_CENTERS, width=WINDOW_WIDTH,
+            exact_basis_gradient=exact, chunk_size=chunk_size, **args,
+        )  # fmt: skip
+
+    def theirs(q, k, v, gamma, lattice, frac):
+        return reference(q, k, v, gamma, lattice, frac, mask, raised, exact, WINDOW_CENTERS, WINDOW_WIDTH)
+
+    assert_same_value_and_gradients(loss, ours, theirs, floats)
+
+
+def test_softmax_windowed_block_alone(x64):
+    """The block with a softmax window and no fallback: equal to the reference for the covered crystals; a window of
+    one translation per axis misses close images and is wrong."""
+    floats, mask, box = inputs(scales=SOFTMAX_SCALES, rattle=0.3)
+    q, k, v, gamma, lattice, frac = floats
+    raised = jnp.maximum(box, 1)
+    args = (lattice, frac, mask, k, v, softmax_reach(lattice, gamma, mask), frac, q, gamma, raised)
+    shifts = translation_grid(RANGES)
+
+    def block(softmax_window):
+        make = _make_block(shifts, WINDOW_CENTERS, WINDOW_WIDTH, True, (0, 1, 2), None, softmax_window)
+        return jax.vmap(make)(*args)
+
+    (v_win, b_win), (v_small, _) = block(SOFTMAX_WINDOW), block((1, 1, 1))
+    want_v, want_b = reference(q, k, v, gamma, lattice, frac, mask, raised, True, WINDOW_CENTERS, WINDOW_WIDTH)
+    np.testing.assert_allclose(v_win[:2], want_v[:2], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(b_win[:2], want_b[:2], rtol=1e-12, atol=1e-14)
+    assert float(jnp.max(jnp.abs(v_small[:2] - want_v[:2]))) > 1e-2

@@ -23,10 +23,12 @@ basis with respect to the distance; only coordinate and lattice gradients differ
 Basis window (`basis_window`): the RBF basis is < e⁻⁴⁰ beyond μ_K + √80·s (16 Å by default), while the box can
 reach much further (±2 cells of a 12 Å supercell: 90 % of its triples lie beyond 16 Å). With a static window
 (W_1, W_2, W_3) the basis is evaluated only on W_d translations per axis around each (query, key) pair, enough
-for cells of `required_window`; the softmax still runs over the whole box, and smaller cells take a wider window
-(whole axes for their short ones) or the whole box (see `periodic_attention`). None evaluates the basis over the
-whole box. Smaller grids (`smaller_grids`, adaptive truncation): blocks whose boxes all fit a smaller grid than
-`max_range` run on it.
+for cells of `required_window`, and smaller cells take a wider window (whole axes for their short ones) or the
+whole box (see `periodic_attention`). None evaluates the basis over the whole box. Softmax window
+(`softmax_window`): the factors exp(γ (d² - d²_min)) of images farther than √(D² + 80 r0² / lb) (D: half the
+cell's longest diagonal) are < e⁻⁴⁰ for any weights (γ ≤ -lb / (2 r0²)), so the softmax over translations can run
+on a window of them too (`required_softmax_window`; 64 of the 125 translations of a 12 Å cell). Smaller grids
+(`smaller_grids`, adaptive truncation): blocks whose boxes all fit a smaller grid than `max_range` run on it.
 
 Fractional coordinates are wrapped to [0, 1) first (gradient unchanged); pairs use the unwrapped difference
 f_j - f_i of the wrapped coordinates, as upstream does with its (wrapped) Cartesian positions.
@@ -44,6 +46,7 @@ import numpy as np
 from jaxcrystal.elements import NUM_ELEMENTS
 from jaxcrystal.errors import ConfigError
 from jaxcrystal.models.periodic_attention import (
+    BASIS_NEGLIGIBLE,
     HIGHEST,
     attention_branches,
     basis_cutoff,
@@ -52,6 +55,7 @@ from jaxcrystal.models.periodic_attention import (
     inverse_plane_spacings,
     periodic_attention,
     window_size,
+    window_sizes,
 )
 
 TRUNCATIONS = ("adaptive", "fixed")
@@ -130,6 +134,19 @@ class CrystalformerConfig:
     def basis_cutoff(self) -> float:
         """The distance (Å) beyond which every layer's RBF basis is below e⁻⁴⁰ (`periodic_attention.basis_cutoff`)."""
         return max(basis_cutoff(*self.basis(layer)) for layer in range(self.num_layers))
+
+    def softmax_reach_bound(self, lattice) -> np.ndarray:
+        """[B] Å (host): `periodic_attention.softmax_reach` of these cells for any weights and atoms, from the
+        flattest Gaussian any layer can use (|γ| > lb / (2 r0²)).
+
+        Args:
+          lattice: [B, 3, 3] or [3, 3] rows, Å.
+        """
+        lattice = np.asarray(lattice, np.float64).reshape(-1, 3, 3)
+        signs = np.array([[1, 1, 1], [1, 1, -1], [1, -1, 1], [1, -1, -1]], np.float64)
+        half_diagonal_sq = 0.25 * np.max(np.sum(np.einsum("sc,bcd->bsd", signs, lattice) ** 2, axis=-1), axis=-1)
+        flattest = min(self.gauss_lb_real / (2 * self.r0(layer) ** 2) for layer in range(self.num_layers))
+        return np.sqrt(half_diagonal_sq + BASIS_NEGLIGIBLE / flattest)
 
     def max_sigma(self) -> float:
         """The widest Gaussian any layer can use, Å (ρ > lb)."""
@@ -234,6 +251,18 @@ def required_window(lattice, config: CrystalformerConfig) -> tuple:
     return tuple(int(w) for w in window_size(lattice, config.basis_cutoff()))
 
 
+def required_softmax_window(lattice, config: CrystalformerConfig) -> tuple:
+    """Host-side softmax window (S_1, S_2, S_3) that holds every image whose translation factor can reach e⁻⁴⁰ in
+    these cells (any weights, `CrystalformerConfig.softmax_reach_bound`).
+
+    Args:
+      lattice: [B, 3, 3] or [3, 3] rows, Å (numpy or concrete JAX array).
+    """
+    lattice = np.asarray(lattice).reshape(-1, 3, 3)
+    reach = config.softmax_reach_bound(lattice)
+    return tuple(int(w) for w in np.max([window_sizes(c, r)[0] for c, r in zip(lattice, reach, strict=True)], 0))
+
+
 MIN_WINDOW_GAIN = 0.2  # `cheapest_window` picks no window unless it saves this share of the basis work
 
 
@@ -281,18 +310,57 @@ def cheapest_window(
     return (best,) * 3
 
 
+def cheapest_softmax_window(
+    lattice, config: CrystalformerConfig, grid, num_atoms: int, window, chunk_size=None, smaller_grids: bool = False
+):
+    """Host-side softmax window (S, S, S) with the least softmax work, next to the basis window `window` (e.g. from
+    `cheapest_window`), or None.
+
+    As in `cheapest_window`: each block takes the first branch that fits all of its crystals, a softmax window
+    fitting the cells whose `softmax_reach_bound` it holds (with one or two whole axes for cells with short ones); a
+    branch costs Π_d S_d translations per atom pair (the grid's without a softmax window). The S with the least
+    total wins (the larger on ties), unless it saves less than `MIN_WINDOW_GAIN` of the whole grid's work: then None.
+    E.g. the benchmark's 135-atom cells (11.7 Å): S = 4 (64 of 125 translations).
+
+    Args: as `cheapest_window`, and window: the basis window (W_1, W_2, W_3) of the calls, or None.
+    """
+    grid = tuple(int(r) for r in grid)
+    lattice = np.asarray(lattice).reshape(-1, 3, 3)
+    boxes = np.array([required_range(cell, config) for cell in lattice])[:, None, None, :]  # [B, 1 atom, 1 head, 3]
+    mask = np.ones((len(lattice), 1), bool)
+    grids = intermediate_grids(grid, config.lattice_range) if smaller_grids else ()
+    full = tuple(2 * r + 1 for r in grid)
+    per_block = block_plan(len(lattice), num_atoms, int(np.prod(full)), config.value_pe_dist_real, 4, chunk_size)[0]
+    reach = config.softmax_reach_bound(lattice)
+    best_cost, best = None, None
+    for size in range(1, max(full) + 1):
+        softmax_window = (size,) * 3
+        taken = crystal_branches(
+            lattice, mask, boxes, ranges=grid, cutoff=config.basis_cutoff(), window=window, grids=grids,
+            per_block=per_block, softmax_window=softmax_window, reach=reach,
+        )  # fmt: skip
+        branches = attention_branches(grid, grids, window, softmax_window)[0]
+        costs = np.array([np.prod(b.softmax_window or [2 * r + 1 for r in b.grid]) for b in branches])
+        cost = costs[taken].sum()
+        if best_cost is None or cost <= best_cost:
+            best_cost, best = cost, size
+    if best_cost > (1 - MIN_WINDOW_GAIN) * cost:  # cost: that of the whole grid (the last size)
+        return None
+    return (best,) * 3
+
+
 def intermediate_grids(max_range, lattice_range: int) -> tuple:
     """The grids an adaptive box may fit before `max_range`: (R, R, R) clipped to `max_range` for R from
     `lattice_range` (the smallest box) up, e.g. (4, 4, 4), 2 -> ((2, 2, 2), (3, 3, 3))."""
     return tuple(tuple(min(size, r) for r in max_range) for size in range(lattice_range, max(max_range)))
 
 
-def _normalize_window(window) -> tuple | None:
+def _normalize_window(window, name: str = "basis_window") -> tuple | None:
     if window is None:
         return None
     window = (int(window),) * 3 if isinstance(window, int | np.integer) else tuple(int(w) for w in window)
     if len(window) != 3 or min(window) < 1:
-        raise ConfigError(f"basis_window must be None, a positive int or 3 positive ints, got {window}")
+        raise ConfigError(f"{name} must be None, a positive int or 3 positive ints, got {window}")
     return window
 
 
@@ -316,6 +384,7 @@ class PeriodicAttention(nn.Module):
     chunk_size: int | None
     basis_window: tuple | None = None
     grids: tuple = ()
+    softmax_window: tuple | None = None
 
     @nn.compact
     def __call__(self, h, lattice, frac, mask):
@@ -368,6 +437,7 @@ class PeriodicAttention(nn.Module):
             window=self.basis_window,
             grids=self.grids,
             box_floor=cfg.lattice_range,
+            softmax_window=self.softmax_window,
         )
         out = agg_v + jnp.einsum("bnhk,hck->bnhc", agg_basis, pe_proj, precision=HIGHEST)
         out = nn.DenseGeneral(cfg.model_dim, axis=(-2, -1), name="out", precision=HIGHEST, param_dtype=h.dtype)(out)
@@ -383,6 +453,8 @@ class Crystalformer(nn.Module):
       chunk_size: query rows per attention block (None = automatic), see `periodic_attention`.
       basis_window: static (W_1, W_2, W_3) translations per axis for the RBF basis, or None (the whole box); see
         the module docstring and `required_window`.
+      softmax_window: static (S_1, S_2, S_3) translations per axis for the softmax over translations, or None (the
+        whole box); see the module docstring and `required_softmax_window`.
       smaller_grids: with adaptive truncation, let attention blocks whose boxes all fit a smaller grid than
         `max_range` run on it (`intermediate_grids`; the same result, less work when most cells are larger than the
         smallest one `max_range` is sized for).
@@ -397,6 +469,7 @@ class Crystalformer(nn.Module):
     chunk_size: int | None = None
     basis_window: tuple | None = None
     smaller_grids: bool = True
+    softmax_window: tuple | None = None
 
     @nn.compact
     def __call__(self, lattice, frac, species, mask):
@@ -429,6 +502,7 @@ class Crystalformer(nn.Module):
                 self.chunk_size,
                 _normalize_window(self.basis_window),
                 grids,
+                _normalize_window(self.softmax_window, "softmax_window"),
                 name=f"layer_{layer}_attn",
             )
             update, gamma, box = attn(h, lattice, frac, mask)

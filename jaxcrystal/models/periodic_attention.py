@@ -99,9 +99,10 @@ def window_size(lattice, cutoff: float) -> np.ndarray:
     return window_sizes(lattice, cutoff).max(axis=0)
 
 
-def window_covers(lattice, window, cutoff: float):
+def window_covers(lattice, window, cutoff):
     """[...] bool, jittable: True where `window` (W_1, W_2, W_3) translations per axis hold every image closer than
-    `cutoff` (see `window_size`; 1e-4 relative slack against rounding)."""
+    `cutoff` (Å, a float or [...] per cell; see `window_size`; 1e-4 relative slack against rounding)."""
+    cutoff = jnp.asarray(cutoff)[..., None]
     needed = jnp.floor(2 * cutoff * inverse_plane_spacings(lattice) * (1 + 1e-4)) + 1
     return jnp.all(needed <= jnp.asarray(window, needed.dtype), axis=-1)
 
@@ -161,11 +162,23 @@ def _geometry_vjp(lattice, frac_diff, shared_shifts, g_r):
     return g_lattice, jnp.einsum("qnd,cd->qnc", g_pair, lattice, precision=HIGHEST)
 
 
-def _make_block(shifts, centers, width: float, exact_basis_gradient: bool, box_axes: tuple, window=None):
+def _window_offsets(window, ranges):
+    """(whole axes [3] bool, offsets [W, 3] int) of a window of (W_1, W_2, W_3) translations on a grid of half-widths
+    `ranges`: an axis the window spans entirely is the whole axis."""
+    full_axes = np.asarray(window) >= 2 * ranges + 1
+    window = np.where(full_axes, 2 * ranges + 1, window)
+    offsets = np.stack(np.meshgrid(*[np.arange(w) for w in window], indexing="ij"), axis=-1).reshape(-1, 3)
+    return full_axes, offsets
+
+
+def _make_block(
+    shifts, centers, width: float, exact_basis_gradient: bool, box_axes: tuple, window=None, softmax_window=None
+):
     """The attention of Q query atoms of one crystal, with a hand-written backward pass (`jax.custom_vjp`).
 
     The returned function maps
-      lattice [3, 3] rows Å; keys frac_k [N, 3], mask_k [N] bool, k [N, H, D], v [N, H, D];
+      lattice [3, 3] rows Å; keys frac_k [N, 3], mask_k [N] bool, k [N, H, D], v [N, H, D]; reach [] Å (the
+      softmax window's, see below);
       queries frac_q [Q, 3], q [Q, H, D], gamma [Q, H] Å⁻² (negative), box [Q, H, 3] int (per-query, per-head
       translation half-widths, tested on `box_axes` only: none when it is empty)
     to (agg_v [Q, H, D], agg_basis [Q, H, K]).
@@ -186,7 +199,10 @@ def _make_block(shifts, centers, width: float, exact_basis_gradient: bool, box_a
     pair's window of translations (`_window_geometry`), which holds every image closer than `basis_cutoff` if
     the cell is large enough (`window_covers`; the caller checks). The terms left out have φ < e⁻⁴⁰, so
     agg_basis changes by less than e⁻⁴⁰ (the weights sum to 1) and its derivatives by as little. The softmax
-    (S, α, w, agg_v) always runs over the whole box.
+    (S, α, w, agg_v) runs over the whole box, or with `softmax_window` (W_1, W_2, W_3) over each pair's window of
+    translations closer than `reach` (`softmax_reach`; the caller checks that the window holds them, and that the
+    grid and boxes hold each pair's rounded image, `rounded_image_in_boxes`): each term left out is below e⁻⁴⁰ S.
+    Without a basis window the basis then runs on the softmax window (its other terms have weights P < e⁻⁴⁰).
     Being a `custom_vjp`, it supports reverse mode only (`jax.grad`, not `jax.jvp`).
     """
     shifts = np.asarray(shifts)
@@ -194,26 +210,44 @@ def _make_block(shifts, centers, width: float, exact_basis_gradient: bool, box_a
     ranges = shifts.max(axis=0)
     windowed = window is not None and any(w < 2 * r + 1 for w, r in zip(window, ranges, strict=True))
     if windowed:
-        full_axes = np.asarray(window) >= 2 * ranges + 1
-        window = np.where(full_axes, 2 * ranges + 1, window)
-        offsets = np.stack(np.meshgrid(*[np.arange(w) for w in window], indexing="ij"), axis=-1).reshape(-1, 3)
+        full_axes, offsets = _window_offsets(window, ranges)
         cutoff = basis_cutoff(centers_np, width)
+    softmax_windowed = softmax_window is not None and any(
+        w < 2 * r + 1 for w, r in zip(softmax_window, ranges, strict=True)
+    )
+    if softmax_windowed:
+        softmax_full_axes, softmax_offsets = _window_offsets(softmax_window, ranges)
 
     def pair_factors(gamma, d2, d2_min, inside):
         """exp(γ (d² - d²_min)) inside the box, [Q, H, N, M] (≤ 1 on the grid)."""
         factors = jnp.exp(gamma[:, :, None, None] * (d2 - d2_min[..., None])[:, None])
         return factors if inside is None else jnp.where(inside, factors, 0.0)
 
-    def box_geometry(lattice, frac_k, frac_q, box):
-        frac_diff, r, d2 = _geometry(lattice, frac_k, frac_q, shifts)
-        inside = _inside_box(box, shifts.astype(d2.dtype), box_axes) if box_axes else None
-        return frac_diff, r, d2, jnp.min(d2, axis=-1), inside
+    def box_geometry(lattice, frac_k, frac_q, box, reach):
+        """The softmax's triples: (f_n - f_q [Q, N, 3], their per-pair fractional part [Q, N, 3], shared
+        translations [M, 3], r [Q, N, M, 3], d² [Q, N, M], d²_min [Q, N], inside [Q, H or 1, N or 1, M] or None):
+        the whole grid's, or the softmax window's."""
+        if not softmax_windowed:
+            frac_diff, r, d2 = _geometry(lattice, frac_k, frac_q, shifts)
+            inside = _inside_box(box, shifts.astype(d2.dtype), box_axes) if box_axes else None
+            return frac_diff, frac_diff, shifts, r, d2, jnp.min(d2, axis=-1), inside
+        frac_diff = frac_k[None, :, :] - frac_q[:, None, :]
+        first, translations, r, d2 = _window_geometry(
+            lattice, frac_diff, softmax_offsets, softmax_full_axes, ranges, reach
+        )
+        inside = jnp.all(jnp.abs(translations) <= ranges, axis=-1)  # in the grid, [Q, N, W]
+        d2_min = jnp.min(jnp.where(inside, d2, jnp.finfo(d2.dtype).max), axis=-1)
+        inside = inside[:, None]
+        if box_axes:
+            inside = inside & _inside_box(box, translations, box_axes)
+        return frac_diff, frac_diff + first, softmax_offsets, r, d2, d2_min, inside
 
-    def basis_triples(lattice, gamma, box, frac_diff, r, d2, d2_min, inside, pair_total):
+    def basis_triples(lattice, gamma, box, softmax_triples, pair_total):
         """The triples the basis runs over: (per-pair fractional part [Q, N, 3], shared translations [M', 3],
-        r [Q, N, M', 3], d² [Q, N, M'], P [Q, H, N, M']): the box's, or the window's."""
+        r [Q, N, M', 3], d² [Q, N, M'], P [Q, H, N, M']): the softmax's (`box_geometry`), or the basis window's."""
+        frac_diff, pair_part, shared, r, d2, d2_min, inside = softmax_triples
         if not windowed:
-            return frac_diff, shifts, r, d2, pair_factors(gamma, d2, d2_min, inside) / pair_total[..., None]
+            return pair_part, shared, r, d2, pair_factors(gamma, d2, d2_min, inside) / pair_total[..., None]
         first, translations, r, d2 = _window_geometry(lattice, frac_diff, offsets, full_axes, ranges, cutoff)
         valid = jnp.all(jnp.abs(translations) <= ranges, axis=-1)[:, None]  # in the grid, [Q, 1, N, W]
         if box_axes:
@@ -221,8 +255,9 @@ def _make_block(shifts, centers, width: float, exact_basis_gradient: bool, box_a
         factors = jnp.exp(gamma[:, :, None, None] * (d2 - d2_min[..., None])[:, None])
         return frac_diff + first, offsets, r, d2, jnp.where(valid, factors, 0.0) / pair_total[..., None]
 
-    def forward(lattice, frac_k, mask_k, k, v, frac_q, q, gamma, box):
-        frac_diff, r, d2, d2_min, inside = box_geometry(lattice, frac_k, frac_q, box)
+    def forward(lattice, frac_k, mask_k, k, v, reach, frac_q, q, gamma, box):
+        softmax_triples = box_geometry(lattice, frac_k, frac_q, box, reach)
+        _, _, _, _, d2, d2_min, inside = softmax_triples
         tiny = jnp.finfo(d2.dtype).tiny  # S ≥ 1 unless the box excludes the nearest image
         factors = pair_factors(gamma, d2, d2_min, inside)  # summed only (fused) unless it is the basis's P
         pair_total = jnp.maximum(jnp.sum(factors, axis=-1), tiny)  # S [Q, H, N]
@@ -230,7 +265,7 @@ def _make_block(shifts, centers, width: float, exact_basis_gradient: bool, box_a
         scores = jnp.einsum("qhc,nhc->qhn", q, k, precision=HIGHEST) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
         weights = jax.nn.softmax(jnp.where(mask_k, scores + alpha, _MASKED_LOGIT), axis=-1)  # w [Q, H, N]
         if windowed:
-            _, _, _, d2_b, p_b = basis_triples(lattice, gamma, box, frac_diff, r, d2, d2_min, inside, pair_total)
+            _, _, _, d2_b, p_b = basis_triples(lattice, gamma, box, softmax_triples, pair_total)
         else:
             d2_b, p_b = d2, factors / pair_total[..., None]
         basis = gaussian_basis(safe_sqrt(d2_b), centers_np, width)  # [Q, N, M', K]
@@ -239,21 +274,21 @@ def _make_block(shifts, centers, width: float, exact_basis_gradient: bool, box_a
         return (agg_v, agg_basis), (pair_total, weights)
 
     @jax.custom_vjp
-    def block(lattice, frac_k, mask_k, k, v, frac_q, q, gamma, box):
-        return forward(lattice, frac_k, mask_k, k, v, frac_q, q, gamma, box)[0]
+    def block(lattice, frac_k, mask_k, k, v, reach, frac_q, q, gamma, box):
+        return forward(lattice, frac_k, mask_k, k, v, reach, frac_q, q, gamma, box)[0]
 
-    def block_fwd(lattice, frac_k, mask_k, k, v, frac_q, q, gamma, box):
-        outputs, stats = forward(lattice, frac_k, mask_k, k, v, frac_q, q, gamma, box)
-        return outputs, (lattice, frac_k, mask_k, k, v, frac_q, q, gamma, box, stats, outputs)
+    def block_fwd(lattice, frac_k, mask_k, k, v, reach, frac_q, q, gamma, box):
+        outputs, stats = forward(lattice, frac_k, mask_k, k, v, reach, frac_q, q, gamma, box)
+        return outputs, (lattice, frac_k, mask_k, k, v, reach, frac_q, q, gamma, box, stats, outputs)
 
     def block_bwd(residuals, cotangents):
-        lattice, frac_k, mask_k, k, v, frac_q, q, gamma, box, (pair_total, weights), (agg_v, agg_basis) = residuals
+        lattice, frac_k, mask_k, k, v, reach, frac_q, q, gamma, box, stats, outputs = residuals
+        (pair_total, weights), (agg_v, agg_basis) = stats, outputs
         g_v, g_basis = cotangents  # [Q, H, D], [Q, H, K]
         heads = q.shape[1]
-        frac_diff, r, d2, d2_min, inside = box_geometry(lattice, frac_k, frac_q, box)
-        pair_part, shared, r_b, d2_b, p_b = basis_triples(
-            lattice, gamma, box, frac_diff, r, d2, d2_min, inside, pair_total
-        )
+        softmax_triples = box_geometry(lattice, frac_k, frac_q, box, reach)
+        _, box_part, box_shared, r, d2, d2_min, inside = softmax_triples
+        pair_part, shared, r_b, d2_b, p_b = basis_triples(lattice, gamma, box, softmax_triples, pair_total)
 
         dist_b = safe_sqrt(d2_b)
         basis = gaussian_basis(dist_b, centers_np, width)
@@ -283,17 +318,18 @@ def _make_block(shifts, centers, width: float, exact_basis_gradient: bool, box_a
             g_d2_b = g_d2_b + jnp.where(positive, g_dist / (2 * jnp.where(positive, dist_b, 1.0)), 0.0)
 
         if windowed:
-            g_lattice, g_diff = _geometry_vjp(lattice, frac_diff, shifts, 2 * r * g_d2[..., None])
+            g_lattice, g_diff = _geometry_vjp(lattice, box_part, box_shared, 2 * r * g_d2[..., None])
             g_lattice_b, g_diff_b = _geometry_vjp(lattice, pair_part, shared, 2 * r_b * g_d2_b[..., None])
             g_lattice, g_diff = g_lattice + g_lattice_b, g_diff + g_diff_b
         else:
-            g_lattice, g_diff = _geometry_vjp(lattice, frac_diff, shifts, 2 * r * (g_d2 + g_d2_b)[..., None])
+            g_lattice, g_diff = _geometry_vjp(lattice, box_part, box_shared, 2 * r * (g_d2 + g_d2_b)[..., None])
 
         g_scores = g_logits / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
         g_q = jnp.einsum("qhn,nhc->qhc", g_scores, k, precision=HIGHEST)
         g_k = jnp.einsum("qhn,qhc->nhc", g_scores, q, precision=HIGHEST)
         g_vv = jnp.einsum("qhn,qhc->nhc", weights, g_v, precision=HIGHEST)
-        return g_lattice, jnp.sum(g_diff, axis=0), None, g_k, g_vv, -jnp.sum(g_diff, axis=1), g_q, g_gamma, None
+        g_frac_k, g_frac_q = jnp.sum(g_diff, axis=0), -jnp.sum(g_diff, axis=1)
+        return g_lattice, g_frac_k, None, g_k, g_vv, None, g_frac_q, g_q, g_gamma, None
 
     block.defvjp(block_fwd, block_bwd)
     return block
@@ -362,57 +398,108 @@ def _check_grids(grids, ranges) -> list:
 
 
 class Branch(NamedTuple):
-    """One way to evaluate a block: the translation grid (R_1, R_2, R_3) and the basis window (W_1, W_2, W_3), or
-    None for the whole grid."""
+    """One way to evaluate a block: the translation grid (R_1, R_2, R_3), the basis window (W_1, W_2, W_3) and the
+    softmax window (S_1, S_2, S_3), each None for the whole grid."""
 
     grid: tuple
     window: tuple | None
+    softmax_window: tuple | None = None
 
 
-def attention_branches(ranges, grids=(), window=None) -> tuple[list[Branch], bool]:
+def attention_branches(ranges, grids=(), window=None, softmax_window=None) -> tuple[list[Branch], bool]:
     """The static branches of `periodic_attention`, in the order they are tried, and whether cells are given
     sorted axes.
 
-    For each grid (the smaller `grids` first, `ranges` last): the basis windows, then the whole grid. With an
-    isotropic grid and window (W, W, W) the axes of every cell are put in decreasing order of the window they need
-    (an exact relabelling), so that the windows (W, W, W), (F, W, W), (F, F, W) (F: the whole axis) serve cells
-    with zero, one or two short axes; otherwise the window is the one given.
+    For each grid (the smaller `grids` first, `ranges` last): the basis windows, each first with the softmax window
+    of as many whole axes (if given), then the whole grid. With an isotropic grid and windows (W, W, W), (S, S, S)
+    the axes of every cell are put in decreasing order of their inverse plane spacing (an exact relabelling, also
+    the decreasing order of the windows they need), so that the windows (W, W, W), (F, W, W), (F, F, W) (F: the
+    whole axis) serve cells with zero, one or two short axes; otherwise the windows are the ones given.
     """
     ranges = tuple(int(r) for r in ranges)
     window = None if window is None else tuple(int(w) for w in window)
-    sort_axes = window is not None and len(set(ranges)) == 1 and len(set(window)) == 1
+    softmax_window = None if softmax_window is None else tuple(int(w) for w in softmax_window)
+    given = [w for w in (window, softmax_window) if w is not None]
+    sort_axes = bool(given) and len(set(ranges)) == 1 and all(len(set(w)) == 1 for w in given)
+
+    def variants(window, full):  # with 0, 1, 2 whole axes when the axes are sorted; `full` for no window
+        if window is None:
+            return [full] * 3
+        clipped = tuple(min(w, f) for w, f in zip(window, full, strict=True))
+        return [full[:k] + clipped[k:] for k in range(3)] if sort_axes else [clipped]
+
     branches = []
     for grid in [*grids, ranges]:
         full = tuple(2 * r + 1 for r in grid)
-        if window is not None:
-            clipped = tuple(min(w, f) for w, f in zip(window, full, strict=True))
-            variants = [full[:k] + clipped[k:] for k in range(3)] if sort_axes else [clipped]
-            for variant in variants:
-                if variant != full and Branch(grid, variant) not in branches:
-                    branches.append(Branch(grid, variant))
+        for basis, softmax in zip(variants(window, full), variants(softmax_window, full), strict=False):
+            basis, softmax = (None if w == full else w for w in (basis, softmax))
+            for branch in [Branch(grid, basis, softmax)] * (softmax is not None) + [Branch(grid, basis)]:
+                if branch not in branches and branch != Branch(grid, None):
+                    branches.append(branch)
         branches.append(Branch(grid, None))
     return branches, sort_axes
 
 
-def axes_by_need(lattice, cutoff: float):
-    """[B, 3] int: each cell's axes in decreasing order of the basis window they need (`window_covers`)."""
-    needed = jnp.floor(2 * cutoff * inverse_plane_spacings(jax.lax.stop_gradient(lattice)) * (1 + 1e-4))
-    return jnp.argsort(-needed, axis=-1, stable=True)
+def axes_by_need(lattice):
+    """[B, 3] int: each cell's axes in decreasing order of their inverse plane spacing, so of the window any cutoff
+    needs on them (`window_covers`)."""
+    return jnp.argsort(-inverse_plane_spacings(jax.lax.stop_gradient(lattice)), axis=-1, stable=True)
 
 
-def branch_fits(branches, lattice, mask, box, cutoff: float):
+def softmax_reach(lattice, gamma, mask):
+    """[B] Å: beyond this distance from a query atom, every image of a key atom has a translation factor below
+    e^-`BASIS_NEGLIGIBLE` of the pair's sum S, for every head of every real atom (constant, no gradient).
+
+    The image of a key at translation -round(f_n - f_q) is within D = ½ max |a_1 ± a_2 ± a_3| (the farthest point
+    of the cell centred on the query); if it is inside the boxes (`rounded_image_in_boxes`), S ≥ exp(γ (D² - d²_min))
+    and an image with d² > D² + 40 / |γ|_min has a factor exp(γ (d² - d²_min)) < e⁻⁴⁰ S.
+
+    Args:
+      lattice: [B, 3, 3] rows, Å. gamma: [B, N, H] Å⁻² (negative). mask: [B, N] bool.
+    """
+    lattice = jax.lax.stop_gradient(lattice)
+    signs = np.array([[1, 1, 1], [1, 1, -1], [1, -1, 1], [1, -1, -1]], lattice.dtype)
+    diagonals = jnp.einsum("sc,bcd->bsd", signs, lattice, precision=HIGHEST)
+    half_diagonal_sq = 0.25 * jnp.max(jnp.sum(diagonals * diagonals, axis=-1), axis=-1)
+    flattest = -jnp.max(jnp.where(mask[..., None], jax.lax.stop_gradient(gamma), -jnp.inf), axis=(1, 2))
+    return jnp.sqrt(half_diagonal_sq + BASIS_NEGLIGIBLE / jnp.maximum(flattest, jnp.finfo(lattice.dtype).tiny))
+
+
+def rounded_image_in_boxes(frac, mask, box, grid):
+    """[B] bool: for every pair of real atoms, the image at translation -round(f_n - f_q), which lies within the
+    half-diagonal D of `softmax_reach`, is inside the grid (R_1, R_2, R_3) and every box of the crystal (box
+    [B, N, H, 3] int or None): the spread of the real atoms' fractional coordinates is below min(R_d, box_d) + ½ on
+    each axis (frac [B, N, 3]; crystals with no real atom pass). Then every image a softmax window leaves out has
+    a factor below e⁻⁴⁰ of the box's sum S."""
+    high = jnp.max(jnp.where(mask[..., None], frac, -jnp.inf), axis=1)
+    low = jnp.min(jnp.where(mask[..., None], frac, jnp.inf), axis=1)
+    spread = jnp.where(jnp.any(mask, axis=1)[:, None], high - low, 0.0)
+    limit = jnp.broadcast_to(jnp.asarray(grid), spread.shape)
+    if box is not None:
+        limit = jnp.minimum(limit, jnp.min(jnp.where(mask[:, :, None, None], box, np.iinfo(np.int32).max), (1, 2)))
+    return jnp.all(spread < limit + 0.5, axis=-1)
+
+
+def branch_fits(branches, lattice, mask, box, cutoff: float, reach=None, frac=None):
     """[B, branches] bool: which branches can evaluate each crystal exactly. A grid must hold every box of the
-    crystal's real atoms (box [B, N, H, 3] int, or None: only the full grid exists), a window must hold every image
-    within the basis `cutoff` (`window_covers`); the last branch (the whole `ranges` grid) fits all."""
+    crystal's real atoms (box [B, N, H, 3] int, or None: only the full grid exists), a basis window every image
+    within the basis `cutoff` (`window_covers`), a softmax window every image within `reach` ([B] Å,
+    `softmax_reach`) with the grid and the boxes each pair's rounded image (`rounded_image_in_boxes` of frac
+    [B, N, 3]; None for cost estimates: fractional coordinates within the cell); the last branch (the whole
+    `ranges` grid) fits all.
+    """
     needed = None if box is None else jnp.max(jnp.where(mask[:, :, None, None], box, 0), axis=(1, 2))  # [B, 3]
     fits = []
-    for grid, window in branches:
+    for grid, window, softmax_window in branches:
         fit = jnp.ones(lattice.shape[0], bool)
         if needed is not None:
             fit = fit & jnp.all(needed <= jnp.asarray(grid), axis=-1)
-        if window is not None:
-            checked = [w if w < 2 * r + 1 else np.inf for w, r in zip(window, grid, strict=True)]
-            fit = fit & window_covers(lattice, checked, cutoff)
+        for window_, cutoff_ in ((window, cutoff), (softmax_window, reach)):
+            if window_ is not None:
+                checked = [w if w < 2 * r + 1 else np.inf for w, r in zip(window_, grid, strict=True)]
+                fit = fit & window_covers(lattice, checked, cutoff_)
+        if softmax_window is not None and frac is not None:
+            fit = fit & rounded_image_in_boxes(frac, mask, box, grid)
         fits.append(fit)
     return jnp.stack(fits, axis=-1).at[:, -1].set(True)
 
@@ -422,25 +509,34 @@ def first_fit(fits):
     return jnp.argmax(fits, axis=-1).astype(jnp.int32)
 
 
-def _branch_plan(lattice, mask, box, ranges, cutoff: float, window, grids):
-    """(branches, axes [B, 3] int or None, lattice and box with relabelled axes, fits [B, branches] bool): what
-    `periodic_attention` and `crystal_branches` decide before blocking. `box` may be None (no adaptive box)."""
+def _branch_plan(lattice, frac, mask, box, ranges, cutoff: float, window, grids, softmax_window=None, reach=None):
+    """(branches, lattice, frac and box with each cell's axes relabelled if the branches sort them, fits [B, branches]
+    bool): what `periodic_attention` and `crystal_branches` decide before blocking. `box` may be None (no adaptive box),
+    `frac` None (cost estimates, see `branch_fits`)."""
     grids = _check_grids(grids, ranges) if box is not None else []
-    branches, sort_axes = attention_branches(ranges, grids, window)
-    axes = None
-    if sort_axes:  # relabel each cell's axes (rows of the lattice, box components; frac columns by the caller)
-        axes = axes_by_need(lattice, cutoff)
+    branches, sort_axes = attention_branches(ranges, grids, window, softmax_window)
+    if sort_axes:  # relabel each cell's axes (rows of the lattice, columns of frac, box components)
+        axes = axes_by_need(lattice)
         lattice = jnp.take_along_axis(lattice, axes[:, :, None], axis=1)
+        frac = None if frac is None else jnp.take_along_axis(frac, axes[:, None, :], axis=2)
         box = None if box is None else jnp.take_along_axis(box, axes[:, None, None, :], axis=3)
-    return branches, axes, lattice, box, branch_fits(branches, lattice, mask, box, cutoff)
+    fits = branch_fits(branches, lattice, mask, box, cutoff, reach, frac)
+    return branches, lattice, frac, box, fits
 
 
-def crystal_branches(lattice, mask, box, *, ranges, cutoff: float, window=None, grids=(), per_block: int):
-    """[B] int (host): the branch of `attention_branches(ranges, grids, window)` each crystal runs in
+def crystal_branches(
+    lattice, mask, box, *, ranges, cutoff: float, window=None, grids=(), per_block: int, softmax_window=None,
+    reach=None,
+):  # fmt: skip
+    """[B] int (host): the branch of `attention_branches(ranges, grids, window, softmax_window)` each crystal runs in
     `periodic_attention` with `per_block` crystals per block (`block_plan`): crystals sorted by their first fitting
     branch, then each block takes the first branch that fits all of its crystals. For cost accounting
-    (`cheapest_window`, benchmarks); `cutoff`: `basis_cutoff` of the centres and width."""
-    branches, _, _, _, fits = _branch_plan(lattice, mask, box, tuple(int(r) for r in ranges), cutoff, window, grids)
+    (`cheapest_window`, benchmarks): fractional coordinates are taken to lie within the cell. `cutoff`:
+    `basis_cutoff` of the centres and width; `reach` [B] Å: `softmax_reach`, or a bound of it."""
+    ranges = tuple(int(r) for r in ranges)
+    branches, _, _, _, fits = _branch_plan(
+        lattice, None, mask, box, ranges, cutoff, window, grids, softmax_window, reach
+    )
     fits = np.asarray(fits)
     order = np.argsort(np.asarray(first_fit(fits)), kind="stable") if per_block > 1 else np.arange(len(fits))
     sorted_fits = np.pad(fits[order], ((0, -len(fits) % per_block), (0, 0)), constant_values=True)
@@ -474,6 +570,7 @@ def periodic_attention(
     window=None,
     grids=(),
     box_floor: int = 0,
+    softmax_window=None,
 ):
     """Infinitely connected attention of every atom, aggregated before any projection.
 
@@ -494,12 +591,16 @@ def periodic_attention(
       box_floor: static int, boxes are raised to at least this half-width on every axis (Crystalformer's
         `lattice_range`). On the axes where a branch's grid equals it, every box that fits the grid equals it, so
         the per-translation box test is left out there (on a (2, 2, 2) grid with floor 2: no test at all).
+      softmax_window: None, or static (S_1, S_2, S_3): take the softmax over translations (and the basis, without
+        `window`) on a window of S_d translations per axis around each pair, the images closer than
+        `softmax_reach` (`_make_block`).
 
-    Each block of crystals runs the first of `attention_branches` (grid, window) that evaluates all of its crystals
-    exactly (`branch_fits`, `lax.switch`): a smaller grid when every box fits it (the translations left out lie
-    outside every box), a window when it holds every image within `basis_cutoff` (the terms left out are below
-    e⁻⁴⁰), else the whole `ranges` grid. So results never depend on `window` or `grids` beyond e⁻⁴⁰. Crystals are
-    sorted by the first branch that fits them, so that blocks share one.
+    Each block of crystals runs the first of `attention_branches` (grid, windows) that evaluates all of its
+    crystals exactly (`branch_fits`, `lax.switch`): a smaller grid when every box fits it (the translations left
+    out lie outside every box), a basis window when it holds every image within `basis_cutoff`, a softmax window
+    when it holds every image within `softmax_reach` (the terms left out are below e⁻⁴⁰), else the whole `ranges`
+    grid. So results never depend on `window`, `softmax_window` or `grids` beyond e⁻⁴⁰. Crystals are sorted by the
+    first branch that fits them, so that blocks share one.
 
     Returns:
       agg_v [B, N, H, D] and agg_basis [B, N, H, K]; rows of padding atoms are finite but meaningless.
@@ -508,9 +609,10 @@ def periodic_attention(
     ranges = tuple(int(r) for r in ranges)
     cutoff = basis_cutoff(centers, width)
     box = None if box is None else jnp.maximum(box, box_floor)
-    branches, axes, lattice, box, fits = _branch_plan(lattice, mask, box, ranges, cutoff, window, grids)
-    if axes is not None:
-        frac = jnp.take_along_axis(frac, axes[:, None, :], axis=2)
+    reach = softmax_reach(lattice, gamma, mask)
+    branches, lattice, frac, box, fits = _branch_plan(
+        lattice, frac, mask, box, ranges, cutoff, window, grids, softmax_window, reach
+    )
     crystals_per_block, queries_per_block = block_plan(
         num_crystals, num_atoms, int(np.prod([2 * r + 1 for r in ranges])), len(centers), q.dtype.itemsize, chunk_size
     )
@@ -524,8 +626,8 @@ def periodic_attention(
     order = None
     if len(branches) > 1 and crystals_per_block > 1:  # blocks of crystals that take the same branch
         order = jnp.argsort(first_fit(fits), stable=True)
-        q, k, v, gamma, lattice, frac, mask, box, fits = (
-            jnp.take(x, order, axis=0) for x in (q, k, v, gamma, lattice, frac, mask, box, fits)
+        q, k, v, gamma, lattice, frac, mask, box, fits, reach = (
+            jnp.take(x, order, axis=0) for x in (q, k, v, gamma, lattice, frac, mask, box, fits, reach)
         )
 
     def crystal_blocks(x, fill=0):
@@ -544,6 +646,7 @@ def periodic_attention(
         crystal_blocks(mask, False),
         crystal_blocks(k),
         crystal_blocks(v),
+        crystal_blocks(reach),
     )
     queries = tuple(query_blocks(x) for x in (frac, q, gamma, box))
     queries = tuple(jnp.moveaxis(x, 1, 0) for x in queries)  # [crystal blocks, query blocks, C, Q, ...]
@@ -552,7 +655,15 @@ def periodic_attention(
     def branch_fn(branch):
         box_axes = tuple(d for d in range(3) if use_box and branch.grid[d] > box_floor)
         block = jax.vmap(
-            _make_block(translation_grid(branch.grid), centers, width, exact_basis_gradient, box_axes, branch.window)
+            _make_block(
+                translation_grid(branch.grid),
+                centers,
+                width,
+                exact_basis_gradient,
+                box_axes,
+                branch.window,
+                branch.softmax_window,
+            )  # fmt: skip
         )
         return lambda crystal_keys, query_rows: jax.lax.map(lambda rows: block(*crystal_keys, *rows), query_rows)
 

@@ -19,6 +19,10 @@ Options:
     mixed sizes; attention blocks with smaller cells take the window with whole axes for their short axes, or the
     whole box. None: the whole box always.
     Results agree with the whole box to rounding (the terms left out are < e⁻⁴⁰).
+  softmax_window: the same for the softmax over translations (translations per axis around each pair, an int or 3
+    ints): "auto" (default) `required_softmax_window` of each call's lattice, or the whole box under `jit`/`scan`,
+    where `cheapest_softmax_window` (jaxcrystal.models.crystalformer) sizes one for cells of mixed sizes; None:
+    the whole box always. Results agree with the whole box to rounding (the factors left out are < e⁻⁴⁰).
   smaller_grids: True (default): with adaptive truncation, attention blocks whose crystals' boxes all fit a grid
     smaller than `max_range` ((2, 2, 2), (3, 3, 3), ...) run on it; crystals are sorted into blocks by the grid
     they fit. Same results (the translations left out lie outside every box); it pays when `max_range` is sized
@@ -44,11 +48,12 @@ from jaxcrystal.models.crystalformer import (
     _normalize_window,
     range_overflow,
     required_range,
+    required_softmax_window,
     required_window,
 )
 from jaxcrystal.predictors.base import Predictor, check_variables
 
-__all__ = ["load", "range_overflow", "required_range", "required_window"]
+__all__ = ["load", "range_overflow", "required_range", "required_softmax_window", "required_window"]
 
 
 def _read_source(source, config):
@@ -90,6 +95,7 @@ def load(
     max_range=None,
     basis_window="auto",
     smaller_grids: bool = True,
+    softmax_window="auto",
     **options,
 ) -> Predictor:
     """A Crystalformer predictor (see the module docstring for the options).
@@ -112,11 +118,15 @@ def load(
     static_range = None if max_range is None else _normalize_range(max_range)
     if basis_window != "auto":
         basis_window = _normalize_window(basis_window)
+    if softmax_window != "auto":
+        softmax_window = _normalize_window(softmax_window, "softmax_window")
     params, metadata, path = _read_source(source, config)
     arch = CrystalformerConfig.from_dict(metadata["config"])
     check_variables(params, _expected_params(arch), str(path))
     params = jax.tree.map(jnp.asarray, params)
-    apply = make_apply(arch, truncation, gradient, chunk_size, static_range, basis_window, smaller_grids)
+    apply = make_apply(
+        arch, truncation, gradient, chunk_size, static_range, basis_window, smaller_grids, softmax_window
+    )
     return Predictor(
         kind="crystalformer",
         name=metadata["name"],
@@ -133,6 +143,7 @@ def load(
             "max_range": static_range,
             "basis_window": basis_window,
             "smaller_grids": smaller_grids,
+            "softmax_window": softmax_window,
         },
     )
 
@@ -145,6 +156,7 @@ def make_apply(
     max_range=None,
     basis_window="auto",
     smaller_grids: bool = True,
+    softmax_window="auto",
 ):
     """The pure function `(params, lattice [B,3,3] Å rows, frac [B,N,3], species [B,N,98], mask [B,N]) -> [B]`.
 
@@ -152,7 +164,7 @@ def make_apply(
     cast to it. Padding atoms (mask False) do not affect the real atoms or the output.
     """
 
-    def run(params, lattice, frac, species, mask, ranges, window):
+    def run(params, lattice, frac, species, mask, ranges, window, softmax):
         model = Crystalformer(
             config,
             truncation=truncation,
@@ -161,11 +173,13 @@ def make_apply(
             chunk_size=chunk_size,
             basis_window=window,
             smaller_grids=smaller_grids,
+            softmax_window=softmax,
         )
         return model.apply({"params": params}, lattice, frac, species, mask)
 
-    nested = jax.jit(run, static_argnames=("ranges", "window"))  # inside the caller's jit: its options apply
-    top_level = jax.jit(run, static_argnames=("ranges", "window"), compiler_options=compiler_options())
+    static = ("ranges", "window", "softmax")
+    nested = jax.jit(run, static_argnames=static)  # inside the caller's jit: its options apply
+    top_level = jax.jit(run, static_argnames=static, compiler_options=compiler_options())
 
     def apply(params, lattice, frac, species, mask):
         lattice, frac, species = (jnp.asarray(a) for a in (lattice, frac, species))
@@ -184,15 +198,20 @@ def make_apply(
                         "max_range=R) with R from jaxcrystal.predictors.crystalformer.required_range(lattice, config)"
                     )
                 ranges = required_range(lattice, config)
-        window = basis_window
-        if window == "auto":
-            window = None if isinstance(lattice, jax.core.Tracer) else required_window(lattice, config)
-        if window is not None:  # one compilation per effective window: clipped to the box, None if it is the box
-            grid = _normalize_range(ranges if truncation == "adaptive" else config.lattice_range)
-            window = tuple(min(w, 2 * r + 1) for w, r in zip(_normalize_window(window), grid, strict=True))
-            window = None if window == tuple(2 * r + 1 for r in grid) else window
+        grid = _normalize_range(ranges if truncation == "adaptive" else config.lattice_range)
+        window = _effective_window(basis_window, required_window, lattice, grid, "basis_window")
+        softmax = _effective_window(softmax_window, required_softmax_window, lattice, grid, "softmax_window")
         traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, lattice, frac, species, mask)))
-        return (nested if traced else top_level)(params, lattice, frac, species, mask, ranges, window)
+        return (nested if traced else top_level)(params, lattice, frac, species, mask, ranges, window, softmax)
+
+    def _effective_window(window, required, lattice, grid, name):
+        """One compilation per effective window: "auto" resolved, clipped to the grid, None if it is the grid."""
+        if window == "auto":
+            window = None if isinstance(lattice, jax.core.Tracer) else required(lattice, config)
+        if window is None:
+            return None
+        window = tuple(min(w, 2 * r + 1) for w, r in zip(_normalize_window(window, name), grid, strict=True))
+        return None if window == tuple(2 * r + 1 for r in grid) else window
 
     return apply
 

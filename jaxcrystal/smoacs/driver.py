@@ -154,9 +154,9 @@ def load_property_models(config: RunConfig, reach=None, image_box=None, start_ce
       reach: [K, 3, 3] lattices bounding the smallest cells the run can visit; static periodic ranges are sized
         from them (graph predictors' neighbour-search box, Crystalformer's adaptive-box bound). None: defaults.
       image_box: override of the neighbour-search box (the optimizer enlarges it after an overflow).
-      start_cells: [K, 3, 3] lattices the run starts from; Crystalformer's basis window is sized for them
-        (`cheapest_window`; smaller cells take wider windows or the whole box: same results). None: no window under
-        `jit`.
+      start_cells: [K, 3, 3] lattices the run starts from; Crystalformer's basis and softmax windows are sized for
+        them (`cheapest_window`, `cheapest_softmax_window`; smaller cells take wider windows or the whole box: same
+        results). None: no window under `jit`.
       start_atoms: atoms per crystal of those cells.
     """
     task = presets.TASK_SPECS[config.task]
@@ -213,23 +213,34 @@ def _model_options(config: RunConfig, kind: str) -> dict:
 
 def _load_sized(kind: str, source, model_config, reach, image_box, options: dict, start=None):
     """`load_predictor` with the static periodic ranges each kind needs for the cells of `reach` (and, for
-    Crystalformer's basis window unless `options` set it, of `start` = (cells [K, 3, 3], atoms per crystal))."""
+    Crystalformer's basis and softmax windows unless `options` set them, of `start` = (cells [K, 3, 3], atoms per
+    crystal))."""
     if kind in ("cgcnn", "alignn"):
         sized = {"image_box": image_box} if image_box else {}
         return load_predictor(kind, source, config=model_config, **options, **sized)
     predictor = load_predictor(kind, source, config=model_config, **options)
     if kind == "crystalformer" and reach is not None:
-        from jaxcrystal.models.crystalformer import cheapest_window, required_range
+        from jaxcrystal.models.crystalformer import (
+            _normalize_window,
+            cheapest_softmax_window,
+            cheapest_window,
+            required_range,
+        )
 
         arch = predictor.metadata["config"]
         sized = {"max_range": required_range(np.asarray(reach), arch)}
-        if start is not None and "basis_window" not in options:
+        if start is not None:
             fixed = options.get("truncation") == "fixed"
             grid = (arch.lattice_range,) * 3 if fixed else sized["max_range"]
-            cells, atoms = start
+            cells, atoms = np.asarray(start[0]), start[1]
             smaller = not fixed and options.get("smaller_grids", True) is True
             chunk_size = options.get("chunk_size")
-            sized["basis_window"] = cheapest_window(np.asarray(cells), arch, grid, atoms, chunk_size, smaller)
+            if "basis_window" not in options:
+                sized["basis_window"] = cheapest_window(cells, arch, grid, atoms, chunk_size, smaller)
+            if "softmax_window" not in options:
+                window = options.get("basis_window", sized.get("basis_window"))
+                window = None if window in (None, "auto") else _normalize_window(window)  # "auto": none under jit
+                sized["softmax_window"] = cheapest_softmax_window(cells, arch, grid, atoms, window, chunk_size, smaller)
         predictor = load_predictor(kind, source, config=model_config, **options, **sized)
     return predictor
 
