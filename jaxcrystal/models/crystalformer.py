@@ -263,6 +263,19 @@ def required_softmax_window(lattice, config: CrystalformerConfig) -> tuple:
     return tuple(int(w) for w in np.max([window_sizes(c, r)[0] for c, r in zip(lattice, reach, strict=True)], 0))
 
 
+def _window_search(lattice, config: CrystalformerConfig, grid, num_atoms: int, chunk_size, smaller_grids: bool):
+    """What `cheapest_window` and `cheapest_softmax_window` weigh windows on: (grid, lattice [B, 3, 3], boxes
+    [B, 1, 1, 3] (each cell's `required_range`), mask [B, 1], smaller grids, whole grid sizes, crystals per block)."""
+    grid = tuple(int(r) for r in grid)
+    lattice = np.asarray(lattice).reshape(-1, 3, 3)
+    boxes = np.array([required_range(cell, config) for cell in lattice])[:, None, None, :]  # [B, 1 atom, 1 head, 3]
+    mask = np.ones((len(lattice), 1), bool)
+    grids = intermediate_grids(grid, config.lattice_range) if smaller_grids else ()
+    full = tuple(2 * r + 1 for r in grid)
+    per_block = block_plan(len(lattice), num_atoms, int(np.prod(full)), config.value_pe_dist_real, 4, chunk_size)[0]
+    return grid, lattice, boxes, mask, grids, full, per_block
+
+
 MIN_WINDOW_GAIN = 0.2  # `cheapest_window` picks no window unless it saves this share of the basis work
 
 
@@ -286,13 +299,9 @@ def cheapest_window(
       num_atoms, chunk_size: atoms per crystal and the attention's `chunk_size`, which set the blocks.
       smaller_grids: whether the calls use `intermediate_grids` (adaptive truncation, the predictor's default).
     """
-    grid = tuple(int(r) for r in grid)
-    lattice = np.asarray(lattice).reshape(-1, 3, 3)
-    boxes = np.array([required_range(cell, config) for cell in lattice])[:, None, None, :]  # [B, 1 atom, 1 head, 3]
-    mask = np.ones((len(lattice), 1), bool)
-    grids = intermediate_grids(grid, config.lattice_range) if smaller_grids else ()
-    full = tuple(2 * r + 1 for r in grid)
-    per_block = block_plan(len(lattice), num_atoms, int(np.prod(full)), config.value_pe_dist_real, 4, chunk_size)[0]
+    grid, lattice, boxes, mask, grids, full, per_block = _window_search(
+        lattice, config, grid, num_atoms, chunk_size, smaller_grids
+    )
     best_cost, best = None, None
     for w in range(1, max(full) + 1):
         window = (w,) * 3
@@ -324,13 +333,9 @@ def cheapest_softmax_window(
 
     Args: as `cheapest_window`, and window: the basis window (W_1, W_2, W_3) of the calls, or None.
     """
-    grid = tuple(int(r) for r in grid)
-    lattice = np.asarray(lattice).reshape(-1, 3, 3)
-    boxes = np.array([required_range(cell, config) for cell in lattice])[:, None, None, :]  # [B, 1 atom, 1 head, 3]
-    mask = np.ones((len(lattice), 1), bool)
-    grids = intermediate_grids(grid, config.lattice_range) if smaller_grids else ()
-    full = tuple(2 * r + 1 for r in grid)
-    per_block = block_plan(len(lattice), num_atoms, int(np.prod(full)), config.value_pe_dist_real, 4, chunk_size)[0]
+    grid, lattice, boxes, mask, grids, full, per_block = _window_search(
+        lattice, config, grid, num_atoms, chunk_size, smaller_grids
+    )
     reach = config.softmax_reach_bound(lattice)
     best_cost, best = None, None
     for size in range(1, max(full) + 1):
