@@ -46,7 +46,6 @@ import numpy as np
 from jaxcrystal.elements import NUM_ELEMENTS
 from jaxcrystal.errors import ConfigError
 from jaxcrystal.models.periodic_attention import (
-    BASIS_NEGLIGIBLE,
     HIGHEST,
     attention_branches,
     basis_cutoff,
@@ -54,6 +53,7 @@ from jaxcrystal.models.periodic_attention import (
     crystal_branches,
     inverse_plane_spacings,
     periodic_attention,
+    softmax_reach,
     window_size,
     window_sizes,
 )
@@ -142,11 +142,10 @@ class CrystalformerConfig:
         Args:
           lattice: [B, 3, 3] or [3, 3] rows, Å.
         """
-        lattice = np.asarray(lattice, np.float64).reshape(-1, 3, 3)
-        signs = np.array([[1, 1, 1], [1, 1, -1], [1, -1, 1], [1, -1, -1]], np.float64)
-        half_diagonal_sq = 0.25 * np.max(np.sum(np.einsum("sc,bcd->bsd", signs, lattice) ** 2, axis=-1), axis=-1)
+        lattice = jnp.asarray(lattice, jnp.float32).reshape(-1, 3, 3)
         flattest = min(self.gauss_lb_real / (2 * self.r0(layer) ** 2) for layer in range(self.num_layers))
-        return np.sqrt(half_diagonal_sq + BASIS_NEGLIGIBLE / flattest)
+        gamma = jnp.full((lattice.shape[0], 1, 1), -flattest, lattice.dtype)  # one atom, one head
+        return np.asarray(softmax_reach(lattice, gamma, jnp.ones((lattice.shape[0], 1), bool)), np.float64)
 
     def max_sigma(self) -> float:
         """The widest Gaussian any layer can use, Å (ρ > lb)."""
