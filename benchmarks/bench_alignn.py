@@ -104,8 +104,7 @@ def run_case(case: str, args, run: bool) -> list[dict]:
         row = {**base, "mode": mode, "compile_s": compile_s, "temp_gb": temp / 1e9, "gflop": cost["flops"] / 1e9}
         row["transcendentals_g"] = cost["transcendentals"] / 1e9
         if run:
-            rate, exps = common.matmul_rate(), common.exp_rate()
-            timing = common.steady(compiled, (lattice, frac, species), args.repeats)
+            timing, rate, exps = common.rates_around(common.steady, compiled, (lattice, frac, species), args.repeats)
             row.update(run_s=timing["min_s"], median_s=timing["median_s"], matmul_gflops=rate, exp_gps=exps)
             row["util"] = common.utilization(cost["flops"], timing["min_s"], rate)
             row["ceiling"] = common.mix_ceiling(cost["flops"], cost["transcendentals"], rate, exps)

@@ -122,8 +122,7 @@ def main(argv=None) -> int:
                 one_compiled = common.compile_fn(functions(one_block, params, one[3])[mode], *one[:3])[0]
             cost = {key: value * num_crystals for key, value in common.xla_cost(one_compiled).items()}
             flops = cost["flops"]
-            rate, exps = common.matmul_rate(), common.exp_rate()
-            timing = common.steady(compiled, batch[:3], args.repeats)
+            timing, rate, exps = common.rates_around(common.steady, compiled, batch[:3], args.repeats)
             row = {"case": case, "blocks": f"{plan[0]}x{plan[1]}", "mode": mode, "compile_s": compile_s, **timing}
             row.update(gflop=flops / 1e9, matmul_gflops=rate, temp_mb=temp / 2**20, max_range=max_range)
             for key, value in windows.items():

@@ -6,7 +6,8 @@ Conventions used by every script:
     `repeats` calls of the compiled program after one warm-up call;
   * FLOPs are what XLA's `cost_analysis()` reports for the compiled program (a loop body is counted once, so a
     `lax.scan` of n steps reports one step);
-  * utilization = (FLOPs / steady time) / the float32 matmul rate measured in the same run (`matmul_rate`);
+  * utilization = (FLOPs / steady time) / the float32 matmul rate measured in the same run (`matmul_rate`; where
+    one process runs several cases, probed before and after each and the higher taken, `rates_around`);
   * XLA does not count transcendental functions (exp, log, ...) as FLOPs but reports them apart; the mix ceiling
     (`mix_ceiling`) is the utilization a program would reach if its FLOPs ran at the matmul rate and its
     transcendentals at the exp rate measured in the same run (`exp_rate`), with nothing else taking time;
@@ -235,6 +236,16 @@ def exp_rate(size: int = 2**20, terms: int = 16, repeats: int = 10) -> float:
         return total
 
     return size * terms / best_seconds(jax.jit(exponentials), x, repeats) / 1e9
+
+
+def rates_around(measure, *args):
+    """(measure(*args), matmul GFLOP/s, exp G/s), each rate the higher of a probe right before and one right after the
+    measurement, so that one probe taken at a slow moment (seen: half the rate, next to cases that ran at full
+    speed) cannot inflate the utilization."""
+    before = matmul_rate(), exp_rate()
+    result = measure(*args)
+    after = matmul_rate(), exp_rate()
+    return result, max(before[0], after[0]), max(before[1], after[1])
 
 
 def utilization(flops: float, seconds: float, rate_gflops: float) -> float:
