@@ -120,7 +120,7 @@ def test_zero_volume_lattice(tmp_path):
     lines = poscar_lines()
     lines[4] = lines[3]  # two equal lattice vectors
     path = write(tmp_path / "flat.vasp", "\n".join(lines))
-    # The determinant of two equal rows is 0 or a rounding residue (5e-15 on an AVX2 CPU), depending on the BLAS path.
+    # The determinant of two equal rows is 0 or a rounding residue, depending on the CPU (5.15e-15 on an AVX2 VM).
     degenerate = r"flat\.vasp: crystal 0: lattice volume \S+ Å\^3 is zero or degenerate"
     with pytest.raises(StructureError, match=degenerate):
         read_structure(path)
