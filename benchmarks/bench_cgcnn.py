@@ -220,12 +220,7 @@ def main(argv=None) -> int:
         )
     extra = ["--model", args.model, "--repeats", str(args.repeats)]
     extra += ["--no-torch"] if args.no_torch else []
-    rows = []
-    for case in args.cases:
-        row = common.run_isolated(os.path.abspath(__file__), case, extra)
-        if "error" in row:
-            print(f"{case}: failed: {row['error']}", flush=True)
-        rows.append(row)
+    rows = common.run_isolated(os.path.abspath(__file__), args.cases, extra)
     common.print_table(rows, COLUMNS)
     if args.markdown:
         print(common.markdown_table(rows, COLUMNS))

@@ -285,12 +285,7 @@ def main(argv=None) -> int:
     extra += ["--repeats", str(args.repeats)]
     for option in args.model_option or []:
         extra += ["--model-option", option]
-    rows = []
-    for structure in args.structures:
-        row = common.run_isolated(os.path.abspath(__file__), structure, extra)
-        if "error" in row:
-            print(f"{structure}: failed: {row['error']}", flush=True)
-        rows.append(row)
+    rows = common.run_isolated(os.path.abspath(__file__), args.structures, extra)
     common.print_table(rows, COLUMNS)
     if args.markdown:
         print(common.markdown_table(rows, COLUMNS))

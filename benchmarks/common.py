@@ -37,10 +37,13 @@ SRTIO3 = (38, 22, 8, 8, 8)  # Z of the five perovskite sites (A, B, X, X, X)
 
 def parse_case(case: str) -> tuple[int, int, int]:
     """'BxN' -> (B crystals, N atoms, n cells per axis) for perovskite supercells (N = 5 n³)."""
-    b, n = (int(v) for v in case.lower().split("x"))
+    parts = case.lower().split("x")
+    if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise SystemExit(f"case {case!r}: expected BxN, two positive integers (e.g. 8x135)")
+    b, n = (int(v) for v in parts)
     cells = round((n / 5) ** (1 / 3))
     if 5 * cells**3 != n:
-        raise SystemExit(f"case {case}: N must be 5 * cells³ (5, 40, 135, ...)")
+        raise SystemExit(f"case {case!r}: N must be 5 * cells³ (5, 40, 135, ...)")
     return b, n, cells
 
 
@@ -293,16 +296,23 @@ def machine() -> dict:
     }
 
 
-def run_isolated(script: str, case: str, extra_args: list[str]) -> dict:
-    """Runs `script --single CASE ...` in a fresh interpreter and returns the JSON row it prints last.
+def run_isolated(script: str, cases: list[str], extra_args: list[str]) -> list[dict]:
+    """Runs `script --single CASE ...` in a fresh interpreter per case and returns the JSON rows they print last;
+    a failed case's row is {"case": CASE, "error": its last stderr line}, also printed.
 
     One process per case gives each case its own peak-RSS figure (XLA never returns memory to the OS).
     """
-    cmd = [sys.executable, script, "--single", case, *extra_args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        return {"case": case, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = []
+    for case in cases:
+        proc = subprocess.run(
+            [sys.executable, script, "--single", case, *extra_args], capture_output=True, text=True, check=False
+        )
+        if proc.returncode == 0:
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            continue
+        rows.append({"case": case, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]})
+        print(f"{case}: failed: {rows[-1]['error']}", flush=True)
+    return rows
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
