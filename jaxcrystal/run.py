@@ -7,7 +7,10 @@ CGCNN models):
 """
 
 import argparse
+import os
 import sys
+
+import jax
 
 from jaxcrystal import presets
 from jaxcrystal.errors import ConfigError, JaxCrystalError
@@ -35,6 +38,13 @@ def _model_options(items: list[str]) -> dict:
         booleans = {"true": True, "false": False}
         out[key] = int(value) if value.lstrip("-").isdigit() else booleans.get(value.lower(), value)
     return out
+
+
+def _use_compile_cache(folder: str) -> None:
+    """Keeps the compiled XLA programs in `folder` (JAX's persistent compilation cache), so that a later run with the
+    same shapes, options and jaxlib loads them instead of compiling again; 'none': compile every time."""
+    if folder.lower() != "none":
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(folder))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -86,15 +96,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR (its config.json)")
     p.add_argument("--overwrite", action="store_true", help="reuse an existing non-empty --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument(
+        "--compile-cache",
+        default=os.environ.get("JAXCRYSTAL_COMPILE_CACHE", "~/.cache/jaxcrystal/xla"),
+        metavar="DIR",
+        help="folder of compiled programs reused by later runs ('none': off; env JAXCRYSTAL_COMPILE_CACHE)",
+    )
     return p
 
 
 def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
+    _use_compile_cache(args.compile_cache)
     try:
         if args.resume:
-            changed = [a for a in vars(args) if a not in ("resume", "quiet") and getattr(args, a) != p.get_default(a)]
+            kept = ("resume", "quiet", "compile_cache")
+            changed = [a for a in vars(args) if a not in kept and getattr(args, a) != p.get_default(a)]
             if changed:
                 flags = ", ".join("--" + a.replace("_", "-") for a in changed)
                 raise ConfigError(f"--resume takes every option from {args.resume}/config.json; drop {flags}")

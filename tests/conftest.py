@@ -1,9 +1,14 @@
 """Shared test helpers: paths to the small fixtures committed in tests/fixtures and to ../shared."""
 
+import os
+import tempfile
 from pathlib import Path
 
 import jax
 import pytest
+
+# Command-line runs started by the tests keep their compiled programs in a throwaway folder, not in ~/.cache.
+os.environ.setdefault("JAXCRYSTAL_COMPILE_CACHE", tempfile.mkdtemp(prefix="jaxcrystal-test-xla-"))
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"

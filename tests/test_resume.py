@@ -1,4 +1,5 @@
-"""Resume: a run killed with SIGKILL mid-batch and resumed equals the uninterrupted run."""
+"""Resume: a run killed with SIGKILL mid-batch and resumed equals the uninterrupted run; a run loading its programs
+from the compile cache equals the run that compiled them."""
 
 import json
 import os
@@ -64,3 +65,17 @@ def test_resume_refuses_other_options_and_missing_folders(tmp_path, capsys):
     assert "drop --steps" in capsys.readouterr().err
     assert run.main(["--resume", str(tmp_path / "nothing")]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_compile_cache_is_filled_then_reused_with_the_same_result(tmp_path):
+    """The first run compiles and stores its programs; the second loads every one and gives the same candidates."""
+    cache = tmp_path / "cache"
+    args = ["--structure", "perovskite", "--num-candidates", "2", "--steps", "3", "--seed", "1", "--quiet"]
+    subprocess.run(_cli(*args, "--out", str(tmp_path / "a"), "--compile-cache", str(cache)), check=True)
+    entries = sorted(p.name for p in cache.iterdir())
+    assert entries
+    subprocess.run(_cli(*args, "--out", str(tmp_path / "b"), "--compile-cache", str(cache)), check=True)
+    assert sorted(p.name for p in cache.iterdir()) == entries  # nothing compiled anew
+    a, b = np.load(tmp_path / "a" / "result.npz"), np.load(tmp_path / "b" / "result.npz")
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
