@@ -126,14 +126,13 @@ def main(argv=None) -> int:
     heads = 8
     arrays = inputs(args.queries, args.atoms, args.window, heads)
 
-    compiled = jax.jit(xla_aggregate(centers, width), compiler_options=compiler_options())
-    compiled = compiled.lower(*arrays).compile()
-    reference = np.asarray(compiled(*arrays))
-    xla_s = common.steady(compiled, arrays, args.repeats)["min_s"]
-    grouped = jax.jit(xla_aggregate_grouped(centers, width), compiler_options=compiler_options())
-    grouped = grouped.lower(*arrays).compile()
-    grouped_out = np.asarray(grouped(*arrays))
-    grouped_s = common.steady(grouped, arrays, args.repeats)["min_s"]
+    def run_xla(aggregate):
+        """(output, best seconds) of `aggregate` compiled by XLA on `arrays`."""
+        compiled = jax.jit(aggregate, compiler_options=compiler_options()).lower(*arrays).compile()
+        return np.asarray(compiled(*arrays)), common.steady(compiled, arrays, args.repeats)["min_s"]
+
+    reference, xla_s = run_xla(xla_aggregate(centers, width))
+    grouped_out, grouped_s = run_xla(xla_aggregate_grouped(centers, width))
 
     with tempfile.TemporaryDirectory() as tmp:
         binary, data, result = (str(Path(tmp) / name) for name in ("probe", "in.bin", "out.bin"))
