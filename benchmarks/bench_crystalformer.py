@@ -4,6 +4,7 @@
     python benchmarks/bench_crystalformer.py --cases 128x5 8x135 --truncation fixed --chunk-size 64 --json out.json
     python benchmarks/bench_crystalformer.py --ckpt megnet-bandgap-layer4.ckpt --config default.json
     python benchmarks/bench_crystalformer.py --cases 8x135 --basis-window off --softmax-window off   # whole box
+    python benchmarks/bench_crystalformer.py --cases 8x135 --basis-size 8    # how much of the time the basis size sets
 
 Per batch B x N (rattled perovskite supercells, soft species), in this process: compile time, the median and
 minimum of `--repeats` calls after a warm-up (forward; forward+gradient w.r.t. lattice, frac and species), XLA's
@@ -16,9 +17,13 @@ FLOPs are those of one crystal compiled as a single block, times B (the work is 
 (`--basis-window`, `--softmax-window`, default: sized for the case's cells) they are those of the first branch, the
 one with both windows (`common.attention_branch`).
 Without `--ckpt` the weights are random (default.json architecture; the cost does not depend on the values).
+`--basis-size K` changes only the number K of RBF centres (default.json: 64) of those random weights, spread over the
+same distances with the same width (so the basis windows stay the same): a diagnostic of how much of the time and of
+the FLOPs the basis sets.
 """
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -66,6 +71,14 @@ def functions(apply, params, mask):
     return {"forward": forward, "forward+grad": value_and_grad}
 
 
+def basis_sized(config: CrystalformerConfig, size: int | None) -> CrystalformerConfig:
+    """`config` with `size` RBF centres over the same distances and of the same width (None: unchanged)."""
+    if size is None:
+        return config
+    scale = config.value_pe_width_scale * size / config.value_pe_dist_real
+    return dataclasses.replace(config, value_pe_dist_real=size, value_pe_width_scale=scale)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=["128x5", "8x135", "32x135", "128x135"], help="BxN")
@@ -80,11 +93,14 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--ckpt", help="upstream .ckpt or converted .npz (default: random default.json weights)")
     parser.add_argument("--config", help="default.json for --ckpt")
+    parser.add_argument("--basis-size", type=int, help="RBF centres K of the random weights (default.json: 64)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--modes", nargs="+", choices=["forward", "forward+grad"], default=["forward", "forward+grad"])
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--markdown", action="store_true", help="also print the table in Markdown")
     args = parser.parse_args(argv)
+    if args.basis_size is not None and (args.ckpt or args.basis_size < 1):
+        parser.error("--basis-size takes a positive K and applies to the random weights only (not with --ckpt)")
 
     info = common.machine()
     print(f"{info['date']}  {info['cpu']}, {info['cores']} cores, jax {info['jax']} on {info['platform']}")
@@ -92,7 +108,8 @@ def main(argv=None) -> int:
     window, softmax = (w if w in ("auto", None) else int(w) for w in (window, softmax))
     print(
         f"truncation={args.truncation} gradient={args.gradient} chunk_size={args.chunk_size or 'auto'} "
-        f"basis_window={args.basis_window} softmax_window={args.softmax_window}"
+        f"basis_window={args.basis_window} softmax_window={args.softmax_window} "
+        f"basis_size={args.basis_size or 'as configured'}"
     )
     rows = []
     for case in args.cases:
@@ -102,7 +119,7 @@ def main(argv=None) -> int:
             predictor = load(args.ckpt, args.config, args.truncation, args.gradient, args.chunk_size)
             config, params = predictor.metadata["config"], predictor.params
         else:
-            config = CrystalformerConfig()
+            config = basis_sized(CrystalformerConfig(), args.basis_size)
             params = common.random_crystalformer_params(config, batch)
         max_range = required_range(batch[0], config)
         shifts = max_range if args.truncation == "adaptive" else (config.lattice_range,) * 3

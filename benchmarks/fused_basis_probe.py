@@ -22,6 +22,13 @@ consecutive centres (spacing δ, in units of the width s) from two exponentials 
     m = h - sign(y)(j - h) ∈ {0, ..., G-1},  C_j = exp((δh)² / 2 - δ²(j - h)² / 2),  h = (G - 1) / 2,
 with E and Q materialized per (triple, group) and Q^m from Q, Q², Q⁴ selected by the bits of m (no factor exceeds
 C_j ≤ e^(δh)²/2, so nothing overflows; far groups underflow to 0 as their Gaussians do).
+
+The fourth variant is the same formula as a C++ loop built to be fast: Q = exp(-δ d/s) e^(δc) above the group's middle
+and exp(δ d/s) e^(-δc) below it, so one exponential per group (E) and two per triple; the Gaussians and weights of one
+atom pair's translations are computed in vector loops and accumulated by a register-blocked update, two heads at a
+time. "util %" is XLA's FLOP count of the direct formulation (the same work for every variant) per second, over the
+matmul rate of the threads a variant uses: `common.matmul_rate` on both cores, and in a process pinned to one core
+(Linux) for the one-thread C++ loops.
 """
 
 import argparse
@@ -53,7 +60,15 @@ COLUMNS = [
     ("xla_over", "XLA / this", ".2f"),
     ("max_rel_diff", "max |Δ| / max", ".1e"),
     ("exp_ms", "its exps at the exp rate, ms", ".3f"),
+    ("util", "util %", ".0f"),
 ]
+ONE_CORE_MATMUL = """
+import os, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+sys.path.insert(0, sys.argv[1])
+import common
+print(common.matmul_rate())
+"""
 
 
 def inputs(queries: int, atoms: int, window: int, heads: int, seed: int = 0):
@@ -109,6 +124,13 @@ def xla_aggregate_grouped(centers, width):
     return aggregate
 
 
+def one_core_matmul_rate() -> float:
+    """`common.matmul_rate` (GFLOP/s) in a process pinned to one core (Linux), the rate of the C++ loops' thread."""
+    run = subprocess.run([sys.executable, "-c", ONE_CORE_MATMUL, str(Path(__file__).resolve().parent)],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    return float(run.stdout.split()[-1])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--queries", type=int, default=7, help="query atoms per block")
@@ -127,12 +149,13 @@ def main(argv=None) -> int:
     arrays = inputs(args.queries, args.atoms, args.window, heads)
 
     def run_xla(aggregate):
-        """(output, best seconds) of `aggregate` compiled by XLA on `arrays`."""
+        """(output, best seconds, XLA's FLOP count) of `aggregate` compiled by XLA on `arrays`."""
         compiled = jax.jit(aggregate, compiler_options=compiler_options()).lower(*arrays).compile()
-        return np.asarray(compiled(*arrays)), common.steady(compiled, arrays, args.repeats)["min_s"]
+        seconds = common.steady(compiled, arrays, args.repeats)["min_s"]
+        return np.asarray(compiled(*arrays)), seconds, common.xla_flops(compiled)
 
-    reference, xla_s = run_xla(xla_aggregate(centers, width))
-    grouped_out, grouped_s = run_xla(xla_aggregate_grouped(centers, width))
+    reference, xla_s, flops = run_xla(xla_aggregate(centers, width))  # the work, for every variant's utilization
+    grouped_out, grouped_s, _ = run_xla(xla_aggregate_grouped(centers, width))
 
     with tempfile.TemporaryDirectory() as tmp:
         binary, data, result = (str(Path(tmp) / name) for name in ("probe", "in.bin", "out.bin"))
@@ -145,27 +168,37 @@ def main(argv=None) -> int:
         np.concatenate([header, np.asarray(centers, np.float32)] + [a.ravel() for a in arrays]).tofile(data)
         run = subprocess.run([binary, data, result, str(args.repeats)], capture_output=True, text=True, check=True)
         seconds = dict(line.split() for line in run.stdout.split("\n") if line)
-        outputs = np.fromfile(result, np.float32).reshape((2,) + reference.shape)
+        outputs = np.fromfile(result, np.float32).reshape((3,) + reference.shape)
 
     triples = args.queries * args.atoms * args.window
     exps = common.exp_rate()
     scale = float(np.abs(reference).max())
+    rates = {2: common.matmul_rate(), 1: one_core_matmul_rate()}
     rows = [{"variant": "XLA", "threads": 2, "ms": xla_s * 1e3, "xla_over": 1.0, "max_rel_diff": 0.0}]
     rows[0]["exp_ms"] = triples * (len(centers) + heads) / exps / 1e6
     rows.append({"variant": f"XLA, 2 exps per {GROUP} Gaussians", "threads": 2, "ms": grouped_s * 1e3})
     rows[-1]["xla_over"] = xla_s / grouped_s
     rows[-1]["max_rel_diff"] = float(np.abs(grouped_out - reference).max()) / scale
     rows[-1]["exp_ms"] = triples * (2 * len(centers) // GROUP + heads) / exps / 1e6
-    for (name, gaussians), out in zip((("all", len(centers)), ("near", NEAR)), outputs, strict=True):
-        row = {"variant": f"C++ loop, {gaussians} Gaussians", "threads": 1, "ms": float(seconds[name]) * 1e3}
+    loops = (
+        ("all", f"C++ loop, {len(centers)} Gaussians", len(centers)),
+        ("near", f"C++ loop, {NEAR} Gaussians", NEAR),
+        ("grouped", f"C++ loop, 1 exp per {GROUP} Gaussians + 2", len(centers) // GROUP + 2),
+    )
+    for (name, variant, exps_per_triple), out in zip(loops, outputs, strict=True):
+        row = {"variant": variant, "threads": 1, "ms": float(seconds[name]) * 1e3}
         row["xla_over"] = xla_s / float(seconds[name])
         row["max_rel_diff"] = float(np.abs(out - reference).max()) / scale
-        row["exp_ms"] = triples * (gaussians + heads) / exps / 1e6
+        row["exp_ms"] = triples * (exps_per_triple + heads) / exps / 1e6
         rows.append(row)
+    for row in rows:
+        row["util"] = common.utilization(flops, row["ms"] / 1e3, rates[row["threads"]])
     print(f"one block: {args.queries} queries x {args.atoms} atoms x {args.window} translations, H = {heads}, "
-          f"K = {len(centers)}; exp rate {exps:.1f} G/s (two cores)")  # fmt: skip
+          f"K = {len(centers)}; exp rate {exps:.1f} G/s (two cores); {flops / 1e6:.1f} MFLOP (XLA's count of "
+          f"the direct formulation); matmul {rates[2]:.0f} GFLOP/s on two cores, {rates[1]:.0f} on one")  # fmt: skip
     common.print_table(rows, COLUMNS)
-    common.write_json(args.json, {"machine": info, "args": vars(args), "exp_gps": exps, "results": rows})
+    payload = {"machine": info, "args": vars(args), "exp_gps": exps, "flops": flops, "matmul_gflops": rates}
+    common.write_json(args.json, payload | {"results": rows})
     return 0
 
 

@@ -42,3 +42,26 @@ def test_bench_cgcnn_runs_each_case_in_its_own_process(tmp_path):
         assert good[f"{mode}_s"] > 0 and good[f"{mode}_compile_s"] > 0
         assert 0 < good[f"{mode}_util"] <= good[f"{mode}_ceiling"] <= 100
     assert good["peak_rss_mb"] > 0
+
+
+def test_basis_size_keeps_the_distances_and_the_width():
+    from bench_crystalformer import basis_sized
+
+    from jaxcrystal.models.crystalformer import CrystalformerConfig
+
+    config = CrystalformerConfig()
+    assert basis_sized(config, None) is config
+    smaller = basis_sized(config, 8)
+    for layer in range(config.num_layers):
+        centres, width = config.basis(layer)
+        fewer, same_width = smaller.basis(layer)
+        assert len(fewer) == 8 and fewer[-1] == pytest.approx(centres[-1])
+        assert same_width == pytest.approx(width)
+    assert smaller.basis_cutoff() == pytest.approx(config.basis_cutoff())  # so the basis windows stay the same
+
+
+def test_bench_crystalformer_refuses_a_basis_size_for_checkpoints():
+    cmd = [sys.executable, str(BENCHMARKS / "bench_crystalformer.py"), "--basis-size", "8", "--ckpt", "any.ckpt"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert "--basis-size" in proc.stderr and "random weights only" in proc.stderr
