@@ -114,7 +114,8 @@ Grouping MakeGrouping(const float* mu, float inv_width, float spacing) {
     g.constant[j] = static_cast<float>(std::exp(0.5 * double(g.half_span) * g.half_span - 0.5 * offset * offset));
   }
   g.cap = g.spacing * g.middle[kGroups - 1];
-  if (g.cap > 80.0f) throw std::runtime_error("the grouped variant needs spacing / width * (last centre) <= 80");
+  if (g.cap > 80.0f)
+    throw std::runtime_error("the grouped variant needs (spacing / width) * (last group's middle / width) <= 80");
   return g;
 }
 
