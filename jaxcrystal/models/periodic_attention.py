@@ -19,7 +19,10 @@ reductions of an expression of d², and only the keys' softmax is over [Q, H, N]
 The dominant tensors are per (query, key, translation): the basis φ [Q, N, M, K] and the translation weights
 [Q, H, N, M]. They are never built for the whole batch: queries are processed in blocks of `chunk_size`
 (crystal, atom) rows with `lax.map`, and the backward pass of a block (a hand-written VJP) rebuilds them from the
-block's inputs, so the peak memory is that of one block whatever the batch size. The basis, which is below e⁻⁴⁰
+block's inputs, so the peak memory is that of one block whatever the batch size. A block keeps two [Q, H, N]
+statistics for its backward pass: the per-pair sums S over translations and the per-pair means of d² under them
+(∂L/∂γ needs Σ_nm c P d²; summed in the forward pass it spares the backward pass a sum over (key, translation), which
+XLA:CPU splits into slow windowed sums); the keys' softmax is recomputed from S. The basis, which is below e⁻⁴⁰
 beyond `basis_cutoff` (16 Å for Crystalformer's default), can be restricted to a window of translations around
 each pair (`window`): for a 12 Å cell with the ±2 box, 27 of the 125 translations. Each block takes the cheapest
 exact variant (`attention_branches`): cells with short axes a window with whole axes there, or the whole box; with
@@ -255,15 +258,21 @@ def _make_block(
         factors = jnp.exp(gamma[:, :, None, None] * (d2 - d2_min[..., None])[:, None])
         return frac_diff + first, offsets, r, d2, jnp.where(valid, factors, 0.0) / pair_total[..., None]
 
+    def key_weights(q, k, mask_k, gamma, d2_min, pair_total):
+        """w [Q, H, N]: the softmax over keys of q·k/√D + α, α = γ d²_min + log S (logsumexp over translations)."""
+        alpha = gamma[:, :, None] * d2_min[:, None] + jnp.log(pair_total)
+        scores = jnp.einsum("qhc,nhc->qhn", q, k, precision=HIGHEST) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
+        return jax.nn.softmax(jnp.where(mask_k, scores + alpha, _MASKED_LOGIT), axis=-1)
+
     def forward(lattice, frac_k, mask_k, k, v, reach, frac_q, q, gamma, box):
         softmax_triples = box_geometry(lattice, frac_k, frac_q, box, reach)
         _, _, _, _, d2, d2_min, inside = softmax_triples
         tiny = jnp.finfo(d2.dtype).tiny  # S ≥ 1 unless the box excludes the nearest image
         factors = pair_factors(gamma, d2, d2_min, inside)  # summed only (fused) unless it is the basis's P
         pair_total = jnp.maximum(jnp.sum(factors, axis=-1), tiny)  # S [Q, H, N]
-        alpha = gamma[:, :, None] * d2_min[:, None] + jnp.log(pair_total)
-        scores = jnp.einsum("qhc,nhc->qhn", q, k, precision=HIGHEST) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
-        weights = jax.nn.softmax(jnp.where(mask_k, scores + alpha, _MASKED_LOGIT), axis=-1)  # w [Q, H, N]
+        # Σ_m P d² / S [Q, H, N], the per-pair mean of d² that ∂L/∂γ needs (module docstring)
+        pair_d2 = jnp.sum(factors * d2[:, None], axis=-1) / pair_total
+        weights = key_weights(q, k, mask_k, gamma, d2_min, pair_total)
         if windowed:
             _, _, _, d2_b, p_b = basis_triples(lattice, gamma, box, softmax_triples, pair_total)
         else:
@@ -271,7 +280,7 @@ def _make_block(
         basis = gaussian_basis(safe_sqrt(d2_b), centers_np, width)  # [Q, N, M', K]
         agg_v = jnp.einsum("qhn,nhc->qhc", weights, v, precision=HIGHEST)
         agg_basis = jnp.einsum("qhnm,qnmk->qhk", weights[..., None] * p_b, basis, precision=HIGHEST)
-        return (agg_v, agg_basis), (pair_total, weights)
+        return (agg_v, agg_basis), (pair_total, pair_d2)
 
     @jax.custom_vjp
     def block(lattice, frac_k, mask_k, k, v, reach, frac_q, q, gamma, box):
@@ -283,12 +292,13 @@ def _make_block(
 
     def block_bwd(residuals, cotangents):
         lattice, frac_k, mask_k, k, v, reach, frac_q, q, gamma, box, stats, outputs = residuals
-        (pair_total, weights), (agg_v, agg_basis) = stats, outputs
+        (pair_total, pair_d2), (agg_v, agg_basis) = stats, outputs
         g_v, g_basis = cotangents  # [Q, H, D], [Q, H, K]
         heads = q.shape[1]
         softmax_triples = box_geometry(lattice, frac_k, frac_q, box, reach)
         _, box_part, box_shared, r, d2, d2_min, inside = softmax_triples
         pair_part, shared, r_b, d2_b, p_b = basis_triples(lattice, gamma, box, softmax_triples, pair_total)
+        weights = key_weights(q, k, mask_k, gamma, d2_min, pair_total)  # recomputed: [Q, H, N] less to keep
 
         dist_b = safe_sqrt(d2_b)
         basis = gaussian_basis(dist_b, centers_np, width)
@@ -303,9 +313,8 @@ def _make_block(
 
         # The box part: ∂L/∂(γ d²) = c P on every triple of the box.
         p_box = p_b if not windowed else pair_factors(gamma, d2, d2_min, inside) / pair_total[..., None]
-        g_gamma_d2 = coefficient[..., None] * p_box
-        g_gamma = jnp.sum(g_gamma_d2 * d2[:, None], axis=(2, 3))
-        g_d2 = jnp.sum(g_gamma_d2 * gamma[:, :, None, None], axis=1)  # [Q, N, M]
+        g_gamma = jnp.sum(coefficient * pair_d2, axis=-1)  # Σ_nm c P d²
+        g_d2 = jnp.sum((coefficient * gamma[..., None])[..., None] * p_box, axis=1)  # [Q, N, M]
 
         # The basis part: ∂L/∂(γ d²) = w P Gb, and dφ/dd.
         triple_weights = weights[..., None] * p_b
