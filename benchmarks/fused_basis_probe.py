@@ -174,25 +174,30 @@ def main(argv=None) -> int:
     exps = common.exp_rate()
     scale = float(np.abs(reference).max())
     rates = {2: common.matmul_rate(), 1: one_core_matmul_rate()}
-    rows = [{"variant": "XLA", "threads": 2, "ms": xla_s * 1e3, "xla_over": 1.0, "max_rel_diff": 0.0}]
-    rows[0]["exp_ms"] = triples * (len(centers) + heads) / exps / 1e6
-    rows.append({"variant": f"XLA, 2 exps per {GROUP} Gaussians", "threads": 2, "ms": grouped_s * 1e3})
-    rows[-1]["xla_over"] = xla_s / grouped_s
-    rows[-1]["max_rel_diff"] = float(np.abs(grouped_out - reference).max()) / scale
-    rows[-1]["exp_ms"] = triples * (2 * len(centers) // GROUP + heads) / exps / 1e6
+
+    def row(variant, threads, seconds, out, exps_per_triple):
+        """One table row; utilization against the matmul rate of `threads` cores."""
+        return {
+            "variant": variant,
+            "threads": threads,
+            "ms": seconds * 1e3,
+            "xla_over": xla_s / seconds,
+            "max_rel_diff": float(np.abs(out - reference).max()) / scale,
+            "exp_ms": triples * (exps_per_triple + heads) / exps / 1e6,
+            "util": common.utilization(flops, seconds, rates[threads]),
+        }
+
+    rows = [
+        row("XLA", 2, xla_s, reference, len(centers)),
+        row(f"XLA, 2 exps per {GROUP} Gaussians", 2, grouped_s, grouped_out, 2 * len(centers) // GROUP),
+    ]
     loops = (
         ("all", f"C++ loop, {len(centers)} Gaussians", len(centers)),
         ("near", f"C++ loop, {NEAR} Gaussians", NEAR),
         ("grouped", f"C++ loop, 1 exp per {GROUP} Gaussians + 2", len(centers) // GROUP + 2),
     )
     for (name, variant, exps_per_triple), out in zip(loops, outputs, strict=True):
-        row = {"variant": variant, "threads": 1, "ms": float(seconds[name]) * 1e3}
-        row["xla_over"] = xla_s / float(seconds[name])
-        row["max_rel_diff"] = float(np.abs(out - reference).max()) / scale
-        row["exp_ms"] = triples * (exps_per_triple + heads) / exps / 1e6
-        rows.append(row)
-    for row in rows:
-        row["util"] = common.utilization(flops, row["ms"] / 1e3, rates[row["threads"]])
+        rows.append(row(variant, 1, float(seconds[name]), out, exps_per_triple))
     print(f"one block: {args.queries} queries x {args.atoms} atoms x {args.window} translations, H = {heads}, "
           f"K = {len(centers)}; exp rate {exps:.1f} G/s (two cores); {flops / 1e6:.1f} MFLOP (XLA's count of "
           f"the direct formulation); matmul {rates[2]:.0f} GFLOP/s on two cores, {rates[1]:.0f} on one")  # fmt: skip
